@@ -1,0 +1,99 @@
+"""What every service shares: an injected clock and one maintenance loop per actor.
+
+Periodic work (flush, cleanup, snapshot, gauges) runs from `maintain()`, called by a
+single loop that the service starts on its first call, so a restarted actor resumes it
+without anyone having to remember to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Base of the four services. Subclasses override `maintain` and `flush`."""
+
+    #: seconds between two runs of `maintain()`
+    maintenance_interval: float = 1.0
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or time.time
+        self._maintenance: asyncio.Task[None] | None = None
+
+    def _ensure_maintenance(self) -> None:
+        """Start the maintenance loop if a loop is running and it is not started yet."""
+        if self._maintenance is not None and not self._maintenance.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._maintenance = loop.create_task(self._maintenance_loop())
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintenance_interval)
+            try:
+                await self.maintain()
+            except Exception:
+                # a failed pass is retried on the next tick; the loop must outlive it
+                log.exception("%s maintenance failed", type(self).__name__)
+
+    async def maintain(self) -> None:
+        """One pass of periodic work. Must be safe to run at any time."""
+
+    async def flush(self) -> None:
+        """Make everything the service holds durable (called on shutdown)."""
+
+    async def ping(self) -> str:
+        """Cheap health check."""
+        self._ensure_maintenance()
+        return type(self).__name__
+
+    async def close(self) -> None:
+        """Flush and stop the maintenance loop."""
+        await self.flush()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+
+
+class ShardedClient:
+    """The bot's handle on one service: N actor replicas, each key routed to one.
+
+    Subclasses add typed methods; `_call` turns a dead or restarting actor into
+    `ServiceUnavailable` so the front-end can answer with a retryable error.
+    """
+
+    def __init__(self, handles: list[object]) -> None:
+        if not handles:
+            raise ValueError("a service needs at least one replica")
+        self.handles = handles
+
+    def handle_for(self, key: str) -> object:
+        from actors.sharding import pick
+
+        return pick(key, self.handles)
+
+    async def _call(self, handle: object, method: str, *args: object, **kwargs: object) -> object:
+        import ray.exceptions
+
+        from actors.errors import ServiceUnavailable
+
+        try:
+            return await getattr(handle, method).remote(*args, **kwargs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            raise ServiceUnavailable(f"{method} failed: {type(exc).__name__}") from exc
+
+    async def _call_all(self, method: str, *args: object, **kwargs: object) -> list[object]:
+        return list(await asyncio.gather(*(self._call(h, method, *args, **kwargs) for h in self.handles)))

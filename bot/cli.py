@@ -1,0 +1,93 @@
+"""The `raycord` command: run, chat, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from bot.config import Settings
+
+log = logging.getLogger("raycord")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML configuration file")
+    parser.add_argument("--address", help="Ray address to connect to (default: start an embedded Ray)")
+    parser.add_argument("--state-dir", type=Path, help="where services keep their state")
+    parser.add_argument("--llm-base-url", help="Gemini API base URL (e.g. the fake server)")
+    parser.add_argument("--model", help="Gemini model name")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raycord", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run", help="start the bot: Discord when DISCORD_TOKEN is set, else the terminal chat"
+    )
+    _common(run)
+    chat = sub.add_parser("chat", help="chat in the terminal (reads stdin; piped input works)")
+    _common(chat)
+    config = sub.add_parser("config", help="print the effective configuration, secrets masked")
+    _common(config)
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, object] = {"state_dir": args.state_dir, "ray_address": args.address}
+    settings = Settings.load(args.config, **overrides)
+    if args.llm_base_url or args.model:
+        llm = settings.llm.model_copy(
+            update={k: v for k, v in {"base_url": args.llm_base_url, "model": args.model}.items() if v}
+        )
+        settings = settings.model_copy(update={"llm": llm})
+    return settings
+
+
+async def _serve(settings: Settings, front_end: str) -> int:
+    from bot.runtime import Runtime
+
+    runtime = Runtime(settings)
+    pipeline = await runtime.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    backend = "offline responder" if settings.llm_backend() == "offline" else "Gemini"
+    print(f"raycord: {front_end} front-end, model {pipeline.model} ({backend})", file=sys.stderr)
+    try:
+        if front_end == "discord":
+            from bot.discord_app import run_discord
+
+            await run_discord(settings, pipeline, stop)
+        else:
+            from bot.console import ConsoleChat
+
+            await ConsoleChat(pipeline).run(stop)
+    finally:
+        await runtime.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args)
+    except Exception as exc:
+        print(f"raycord: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(settings.masked_json())
+        return 0
+    front_end = "terminal"
+    if args.command == "run" and settings.discord_token is not None:
+        front_end = "discord"
+    return asyncio.run(_serve(settings, front_end))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

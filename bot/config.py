@@ -1,0 +1,126 @@
+"""One `Settings` for the whole bot: environment (`RAYCORD_*`), an optional YAML file, defaults.
+
+Precedence, highest first: explicit overrides (CLI flags), environment, YAML file,
+defaults. Secrets are `SecretStr` and print masked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from actors.analytics import AnalyticsConfig
+from actors.cache import CacheConfig
+from actors.context import ContextConfig
+from actors.ratelimit import RateLimitConfig
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
+
+
+class LLMSettings(BaseModel):
+    #: "auto" uses Gemini when an API key is set and the offline responder otherwise
+    backend: Literal["auto", "gemini", "offline"] = "auto"
+    model: str = "gemini-2.5-flash"
+    base_url: str | None = None
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    max_output_tokens: int = Field(default=1024, ge=1)
+    max_concurrency: int = Field(default=16, ge=1)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class PipelineSettings(BaseModel):
+    max_message_chars: int = Field(default=4000, ge=1)
+    system_prompt: str = (
+        "You are raycord, a helpful and concise assistant in a Discord server. "
+        "Answer in Markdown suited to Discord."
+    )
+    #: bump when the system prompt changes meaningfully, so old cached replies are not served
+    system_prompt_version: str = "1"
+
+
+class DiscordSettings(BaseModel):
+    answer_dms: bool = True
+    admin_user_ids: list[str] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RAYCORD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    state_dir: Path = Path(".raycord")
+    #: Ray address to connect to; None starts an embedded Ray
+    ray_address: str | None = None
+    namespace: str = "raycord"
+    dashboard: bool = True
+    dashboard_port: int = 8265
+    log_level: str = "INFO"
+
+    discord_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("discord_token", "DISCORD_TOKEN", "RAYCORD_DISCORD_TOKEN")
+    )
+    gemini_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "gemini_api_key", "GEMINI_API_KEY", "GOOGLE_API_KEY", "RAYCORD_GEMINI_API_KEY"
+        ),
+    )
+
+    llm: LLMSettings = LLMSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    discord: DiscordSettings = DiscordSettings()
+    cache: CacheConfig = CacheConfig()
+    context: ContextConfig = ContextConfig()
+    ratelimit: RateLimitConfig = RateLimitConfig()
+    analytics: AnalyticsConfig = AnalyticsConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _yaml_file.get()
+        if yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from the environment and `config_file`, with `overrides` on top."""
+        if config_file is not None and not config_file.is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        token = _yaml_file.set(config_file)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _yaml_file.reset(token)
+
+    def llm_backend(self) -> Literal["gemini", "offline"]:
+        if self.llm.backend == "auto":
+            return "gemini" if self.gemini_api_key or self.llm.base_url else "offline"
+        return self.llm.backend
+
+    def masked_json(self) -> str:
+        """The effective configuration, secrets masked, as JSON."""
+        data = self.model_dump(mode="json")
+        for name in ("discord_token", "gemini_api_key"):
+            data[name] = "**********" if getattr(self, name) else None
+        return json.dumps(data, indent=2, default=str)

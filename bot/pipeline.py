@@ -1,0 +1,267 @@
+"""ChatPipeline: one message from a front-end to a reply, through the service actors.
+
+Critical path: (rate-limit check ‖ context build) → cache get → LLM on a miss. The
+writes the user does not wait for (cache set, context append, analytics) run in the
+background and are retried until the service acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from pydantic import ValidationError
+
+from actors.analytics import AnalyticsClient
+from actors.cache import CacheClient, cache_key
+from actors.context import BuiltContext, ContextClient
+from actors.errors import InputRejected, RateLimited, RaycordError, UpstreamUnavailable
+from actors.ratelimit import RateLimitClient
+from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, RateDecision, Turn
+from bot.config import Settings
+from bot.llm.base import LLM, ImagePart, LLMRequest, LLMResult
+
+log = logging.getLogger(__name__)
+
+ChunkCallback = Callable[[str], Awaitable[None]]
+_EMPTY_CONTEXT = BuiltContext((), "", 0)
+
+
+class BackgroundWrites:
+    """Fire-and-forget writes that are never dropped: each is retried until it succeeds."""
+
+    def __init__(self, max_backoff: float = 5.0) -> None:
+        self.max_backoff = max_backoff
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.failures = 0
+
+    def submit(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(name, make))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await make()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                log.warning("background %s failed, retrying in %.2fs: %s", name, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Wait for every pending write; returns how many were still pending at the timeout."""
+        if not self._tasks:
+            return 0
+        _, still = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return len(still)
+
+
+def cache_scope_id(msg: IncomingMessage) -> str:
+    """The audience a cached reply may be served to."""
+    if msg.cache_scope == "global":
+        return "global"
+    if msg.cache_scope == "server" and msg.server_id is not None:
+        return f"server:{msg.server_id}"
+    return f"user:{msg.user_id}"
+
+
+class ChatPipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        cache: CacheClient,
+        context: ContextClient,
+        limiter: RateLimitClient,
+        analytics: AnalyticsClient,
+        llm: LLM,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.context = context
+        self.limiter = limiter
+        self.analytics = analytics
+        self.llm = llm
+        self.clock = clock
+        self.writes = BackgroundWrites()
+        self.model = llm.name if getattr(llm, "name", "") else settings.llm.model
+
+    def validate(self, msg: IncomingMessage | dict[str, Any]) -> IncomingMessage:
+        """An `IncomingMessage` fit to process, or `InputRejected` saying why not."""
+        if not isinstance(msg, IncomingMessage):
+            try:
+                msg = IncomingMessage.model_validate(msg)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "message"
+                raise InputRejected(f"{where}: {first['msg']}") from exc
+        text = msg.text.strip()
+        if not text and not msg.attachments:
+            raise InputRejected("the message is empty")
+        limit = self.settings.pipeline.max_message_chars
+        if len(msg.text) > limit:
+            raise InputRejected(f"the message is {len(msg.text):,} characters long; the limit is {limit:,}")
+        return msg
+
+    async def handle(
+        self, raw: IncomingMessage | dict[str, Any], on_chunk: ChunkCallback | None = None
+    ) -> ChatReply:
+        """Answer one message. With `on_chunk`, a generated reply is streamed as it grows.
+
+        Raises:
+            InputRejected: the message is empty, too long or malformed.
+            RateLimited: the user (or server) is over a limit; carries `retry_after`.
+            UpstreamUnavailable: the LLM failed.
+            ServiceUnavailable: a service actor died mid-request; the request may be retried.
+        """
+        started = self.clock()
+        msg = self.validate(raw)
+        try:
+            reply = await self._answer(msg, started, on_chunk)
+        except RaycordError as exc:
+            self._record(
+                msg,
+                type="rate_limited" if isinstance(exc, RateLimited) else "error",
+                latency_ms=(self.clock() - started) * 1000,
+                error=type(exc).__name__,
+            )
+            raise
+        self._record(
+            msg,
+            type=msg.kind,
+            latency_ms=reply.latency_ms,
+            cache_hit=reply.cached,
+            tokens_in=reply.tokens_in,
+            tokens_out=reply.tokens_out,
+            payload={"llm_ms": round(reply.llm_ms, 3), "model": reply.model},
+        )
+        return reply
+
+    async def _answer(
+        self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None
+    ) -> ChatReply:
+        decision, built = await self._admit(msg)
+        if not decision.allowed:
+            raise RateLimited(decision.retry_after, decision.window, decision.limit)
+
+        settings = self.settings
+        cacheable = not msg.attachments
+        key = ""
+        if cacheable:
+            key = cache_key(
+                self.model,
+                settings.pipeline.system_prompt_version,
+                cache_scope_id(msg),
+                msg.text,
+                built.digest,
+            )
+            cached = await self.cache.get(key)
+            if cached is not None:
+                if on_chunk is not None:
+                    await on_chunk(cached)
+                self._remember(msg, cached)
+                return ChatReply(
+                    text=cached,
+                    model=self.model,
+                    cached=True,
+                    offline=self.model == "offline-echo",
+                    latency_ms=(self.clock() - started) * 1000,
+                )
+
+        request = LLMRequest(
+            prompt=msg.text,
+            model=self.model,
+            system_prompt=settings.pipeline.system_prompt,
+            history=built.turns,
+            images=_images(msg),
+            key=key,
+        )
+        llm_started = self.clock()
+        result = await self._generate(request, on_chunk)
+        llm_ms = (self.clock() - llm_started) * 1000
+        if cacheable and result.finish_reason == "STOP" and result.text:
+            scope_id, user = cache_scope_id(msg), msg.user_id
+            self.writes.submit("cache.set", lambda: self.cache.set(key, result.text, scope_id, user))
+        self._remember(msg, result.text)
+        return ChatReply(
+            text=result.text,
+            model=result.model,
+            cached=False,
+            offline=result.offline,
+            finish_reason=result.finish_reason,
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            latency_ms=(self.clock() - started) * 1000,
+            llm_ms=llm_ms,
+        )
+
+    async def _admit(self, msg: IncomingMessage) -> tuple[RateDecision, BuiltContext]:
+        """The rate-limit check and the context build, concurrently: one round trip."""
+        check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
+        if msg.stateless:
+            return await check, _EMPTY_CONTEXT
+        decision, built = await asyncio.gather(check, self.context.build(msg.scope, msg.user_id))
+        return decision, built
+
+    async def _generate(self, request: LLMRequest, on_chunk: ChunkCallback | None) -> LLMResult:
+        try:
+            if on_chunk is None:
+                return await self.llm.generate(request)
+            parts: list[str] = []
+            async for chunk in self.llm.stream(request):
+                parts.append(chunk)
+                await on_chunk("".join(parts))
+            return LLMResult(text="".join(parts), model=self.model)
+        except RaycordError:
+            raise
+        except Exception as exc:
+            raise UpstreamUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _remember(self, msg: IncomingMessage, reply: str) -> None:
+        if msg.stateless:
+            return
+        now = self.clock()
+        turns = [
+            Turn(role="user", author=msg.user_name or msg.user_id, text=msg.text, time=now),
+            Turn(role="model", author="raycord", text=reply, time=now),
+        ]
+        self.writes.submit("context.append", lambda: self.context.append(msg.scope, msg.user_id, turns))
+
+    def _record(self, msg: IncomingMessage, **fields: Any) -> None:
+        self.analytics.record(
+            AnalyticsEvent(
+                server_id=msg.server_id,
+                channel_id=msg.channel_id,
+                user_id=msg.user_id,
+                **fields,
+            )
+        )
+
+    async def drain(self, timeout: float | None = 30.0) -> None:
+        """Wait for background writes and ship buffered analytics (called on shutdown)."""
+        left = await self.writes.drain(timeout)
+        if left:
+            log.error("%d background writes still pending at shutdown", left)
+        await asyncio.wait_for(self.analytics.flush(), timeout)
+
+
+def _images(msg: IncomingMessage) -> tuple[ImagePart, ...]:
+    return tuple(
+        ImagePart(a.content_type or "application/octet-stream", a.data)
+        for a in msg.attachments
+        if a.data is not None
+    )

@@ -1,0 +1,82 @@
+"""Shared fixtures: one local Ray for the whole session, and a fresh raycord runtime per test.
+
+Each runtime gets its own namespace and state directory, so tests never see each
+other's actors or files while sharing one Ray.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import ray
+
+from bot.config import Settings
+from bot.pipeline import ChatPipeline
+from bot.runtime import Runtime, init_ray
+
+
+class FakeClock:
+    """An injected clock that tests move by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the session: 2 CPUs, no dashboard."""
+    init_ray(Settings(dashboard=False), num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings isolated from the environment and from other tests."""
+    base: dict[str, Any] = {
+        "state_dir": tmp_path / "state",
+        "namespace": f"test-{uuid.uuid4().hex[:10]}",
+        "dashboard": False,
+        "discord_token": None,
+        "gemini_api_key": None,
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def runtime(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runtime]:
+    """One raycord runtime on default settings, shared by the session (actors start in
+    seconds here, not milliseconds). Tests keep apart by using their own `user`.
+    A test that needs other settings or a fresh state starts its own `Runtime`."""
+    rt = Runtime(make_settings(tmp_path_factory.mktemp("shared")))
+    await rt.start()
+    yield rt
+    await rt.shutdown(kill_actors=True)
+
+
+@pytest.fixture
+def user() -> str:
+    """A user id no other test uses."""
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def pipeline(runtime: Runtime) -> ChatPipeline:
+    assert runtime.pipeline is not None
+    return runtime.pipeline

@@ -1,0 +1,33 @@
+"""`echo hello | raycord chat` from a shell: embedded Ray, offline model, exit 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_piped_chat_prints_a_reply_and_exits_zero(tmp_path: Path) -> None:
+    exe = shutil.which("raycord", path=str(Path(sys.executable).parent)) or shutil.which("raycord")
+    assert exe, "the raycord console script is installed"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "DISCORD_TOKEN")
+    }
+    env["RAYCORD_DASHBOARD"] = "false"
+    done = subprocess.run(
+        [exe, "chat", "--state-dir", str(tmp_path / "state")],
+        input="hello\n\nsecond line\n",
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "\u201chello\u201d" in lines[0] and "offline mode" in lines[0]
+    assert "\u201csecond line\u201d" in lines[1]
+    assert "terminal front-end, model offline-echo" in done.stderr
