@@ -1,4 +1,4 @@
-"""The `raycord` command: run, chat, config."""
+"""The `raycord` command: run, chat, config, loadtest."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     _common(config)
+    sub.add_parser(
+        "loadtest", help="load test: raycord against the naive pipeline (see --help)", add_help=False
+    )
     return parser
 
 
@@ -73,6 +76,11 @@ async def _serve(settings: Settings, front_end: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        from bench.loadtest import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

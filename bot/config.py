@@ -51,6 +51,18 @@ class PipelineSettings(BaseModel):
 class DiscordSettings(BaseModel):
     answer_dms: bool = True
     admin_user_ids: list[str] = Field(default_factory=list)
+    #: empty allow lists allow everything; block lists always win
+    allow_servers: list[str] = Field(default_factory=list)
+    block_servers: list[str] = Field(default_factory=list)
+    allow_channels: list[str] = Field(default_factory=list)
+    block_channels: list[str] = Field(default_factory=list)
+    allow_roles: list[str] = Field(default_factory=list)
+    block_roles: list[str] = Field(default_factory=list)
+    allow_users: list[str] = Field(default_factory=list)
+    block_users: list[str] = Field(default_factory=list)
+    #: least time between two edits of a streamed reply in one channel
+    edit_interval_seconds: float = Field(default=1.0, ge=0)
+    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,420 @@
+"""The load test: N simulated users against the real pipeline on Ray, then the same load
+against the naive "before" pipeline, in one command, with every figure as a ratio.
+
+`raycord loadtest` and `python -m bench.loadtest` run it; results go to
+bench/results/<name>.json, <name>.md and PNG plots, and BENCHMARKS.md is refreshed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import itertools
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from actors.errors import RaycordError
+from actors.ratelimit import RateLimitConfig, WindowLimits
+from actors.schemas import Attachment, ChatReply, IncomingMessage
+from bench.common import RESULTS_DIR, percentile, write_results
+from bench.naive import NaivePipeline
+from bot.config import Settings
+from bot.llm.base import LLM
+
+# a 1x1 PNG: what the 10% of messages with an image carry
+TINY_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+class Pipeline(Protocol):
+    async def handle(self, raw: IncomingMessage, on_chunk: Any = None) -> ChatReply: ...
+
+
+@dataclass
+class LoadConfig:
+    users: int = 100
+    duration: float = 30.0
+    ramp_up: float = 5.0
+    llm_latency: float = 0.3
+    #: mean pause between a user's reply and their next message (0 = closed loop)
+    think: float = 0.0
+    prompts: int = 300
+    zipf_s: float = 1.1
+    seed: int = 7
+    sample_every: float = 0.5
+    progress: bool = True
+
+
+@dataclass
+class Sample:
+    start: float
+    latency: float
+    overhead: float
+    ok: bool
+    cached: bool
+    kind: str
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    label: str
+    samples: list[Sample] = field(default_factory=list)
+    rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    elapsed: float = 0.0
+    llm_calls: int = 0
+    db_writes: int = 0
+    file_writes: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        ok = [s for s in self.samples if s.ok]
+        lat = [s.latency * 1000 for s in ok]
+        over = [s.overhead * 1000 for s in ok]
+        n = len(self.samples)
+        peak = max((sum(r.values()) for _, r in self.rss), default=0)
+        return {
+            "requests": n,
+            "errors": n - len(ok),
+            "error_rate": (n - len(ok)) / n if n else 0.0,
+            "throughput_rps": len(ok) / self.elapsed if self.elapsed else 0.0,
+            "latency_ms": {q: percentile(lat, int(q[1:])) for q in ("p50", "p95", "p99")},
+            "overhead_ms": {q: percentile(over, int(q[1:])) for q in ("p50", "p95", "p99")},
+            "cache_hit_rate": sum(s.cached for s in ok) / len(ok) if ok else 0.0,
+            "llm_calls": self.llm_calls,
+            "llm_calls_saved_by_cache": sum(s.cached for s in ok),
+            "db_writes": self.db_writes,
+            "file_writes": self.file_writes,
+            "rss_peak_mb": peak / 2**20,
+            "error_kinds": sorted({s.error for s in self.samples if s.error}),
+        }
+
+
+class Workload:
+    """70% chat messages, 20% commands (/ask, cacheable per server), 10% with an image;
+    prompts drawn from a Zipf distribution, so popular questions repeat."""
+
+    def __init__(self, cfg: LoadConfig) -> None:
+        self.rng = random.Random(cfg.seed)
+        weights = [1.0 / (rank**cfg.zipf_s) for rank in range(1, cfg.prompts + 1)]
+        total = sum(weights)
+        self.cumulative = list(itertools.accumulate(w / total for w in weights))
+        self.topics = [f"question {i}: how do I do thing {i} with raycord?" for i in range(cfg.prompts)]
+
+    def prompt(self) -> str:
+        return self.topics[min(bisect.bisect_left(self.cumulative, self.rng.random()), len(self.topics) - 1)]
+
+    def message(self, user: int, run_id: str) -> IncomingMessage:
+        roll = self.rng.random()
+        base: dict[str, Any] = {
+            "user_id": f"load-{run_id}-{user}",
+            "server_id": f"server-{user % 5}",
+            "channel_id": f"chan-{user % 20}",
+            "scope": f"channel:chan-{user % 20}",
+        }
+        if roll < 0.7:
+            return IncomingMessage(text=self.prompt(), **base)
+        if roll < 0.9:
+            return IncomingMessage(
+                text=self.prompt(), kind="command", stateless=True, cache_scope="server", **base
+            )
+        image = Attachment(filename="pic.png", content_type="image/png", size=len(TINY_PNG), data=TINY_PNG)
+        return IncomingMessage(text="what is in this picture?", attachments=(image,), **base)
+
+
+async def _sample_rss(
+    pids: dict[str, int], out: list[tuple[float, dict[str, int]]], every: float, t0: float
+) -> None:
+    procs = {}
+    for label, pid in pids.items():
+        try:
+            procs[label] = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+    while True:
+        snap = {}
+        for label, proc in procs.items():
+            try:
+                snap[label] = proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        out.append((time.perf_counter() - t0, snap))
+        await asyncio.sleep(every)
+
+
+async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str, int]) -> RunResult:
+    """Run the simulated users against `pipeline` for `cfg.duration` seconds."""
+    result = RunResult(label)
+    workload = Workload(cfg)
+    run_id = uuid.uuid4().hex[:6]
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.ramp_up + cfg.duration
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(cfg.ramp_up + cfg.duration), desc=f"{label:>8}", unit="s", file=sys.stderr)
+
+    async def user(i: int) -> None:
+        await asyncio.sleep(cfg.ramp_up * i / max(cfg.users, 1))
+        rng = random.Random(cfg.seed * 1000 + i)
+        while time.perf_counter() < deadline:
+            msg = workload.message(i, run_id)
+            start = time.perf_counter()
+            try:
+                reply = await pipeline.handle(msg)
+                took = time.perf_counter() - start
+                result.samples.append(
+                    Sample(
+                        start - t0, took, max(took - reply.llm_ms / 1000, 0.0), True, reply.cached, msg.kind
+                    )
+                )
+            except RaycordError as exc:
+                result.samples.append(
+                    Sample(
+                        start - t0,
+                        time.perf_counter() - start,
+                        0.0,
+                        False,
+                        False,
+                        msg.kind,
+                        type(exc).__name__,
+                    )
+                )
+            if cfg.think:
+                await asyncio.sleep(rng.expovariate(1 / cfg.think))
+
+    async def ticker() -> None:
+        while bar is not None:
+            await asyncio.sleep(1)
+            bar.update(1)
+
+    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0))
+    tick = asyncio.create_task(ticker())
+    await asyncio.gather(*(user(i) for i in range(cfg.users)))
+    result.elapsed = time.perf_counter() - t0 - cfg.ramp_up * 0.5
+    for task in (sampler, tick):
+        task.cancel()
+    if bar is not None:
+        bar.close()
+    return result
+
+
+@asynccontextmanager
+async def load_llm(cfg: LoadConfig) -> AsyncIterator[Callable[[], LLM]]:
+    """A factory of LLM clients for the load: the offline responder at the configured latency."""
+    from bot.llm.offline import OfflineResponder
+
+    yield lambda: OfflineResponder(latency=cfg.llm_latency)
+
+
+def load_settings(state_dir: Path) -> Settings:
+    generous = WindowLimits(minute=100_000, hour=1_000_000, day=10_000_000)
+    return Settings(
+        state_dir=state_dir,
+        namespace=f"loadtest-{uuid.uuid4().hex[:8]}",
+        dashboard=False,
+        discord_token=None,
+        gemini_api_key=None,
+        ratelimit=RateLimitConfig(message=generous, command=generous),
+    )
+
+
+async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
+    from bot.runtime import Runtime
+
+    results: dict[str, RunResult] = {}
+    async with load_llm(cfg) as make_llm:
+        llm = make_llm()
+        runtime = Runtime(load_settings(state_dir / "raycord"), llm=llm)
+        pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
+        pids = {"driver": os.getpid()}
+        for name, handles in runtime.handles.items():
+            for i, h in enumerate(handles):
+                pids[f"{name}-{i}"] = await h.__ray_call__.remote(lambda self: os.getpid())
+        try:
+            ours = await drive(pipeline, cfg, "raycord", pids)
+            await runtime.flush()
+            ours.llm_calls = getattr(llm, "calls", 0)
+            ours.db_writes, ours.file_writes = await _service_writes(runtime)
+        finally:
+            await runtime.shutdown(kill_actors=True)
+        results["raycord"] = ours
+
+        naive_llm = make_llm()
+        naive = NaivePipeline(state_dir / "naive", naive_llm, per_minute=100_000)
+        try:
+            before = await drive(naive, cfg, "naive", {"driver": os.getpid()})
+            before.llm_calls = getattr(naive_llm, "calls", 0)
+            before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
+        finally:
+            naive.close()
+        results["naive"] = before
+    return {k: v for k, v in results.items()}
+
+
+async def _service_writes(runtime: Any) -> tuple[int, int]:
+    """(database transactions, state-file commits) the services made, from their stats."""
+    db = files = 0
+    for name, client in runtime.clients.items():
+        for stats in await client.stats():
+            data = stats.model_dump()
+            if name == "analytics":
+                db += int(data.get("transactions", 0))
+            else:
+                files += int(data.get("commits", 0))
+    return db, files
+
+
+def _ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
+    def r(a: float, b: float) -> float:
+        return a / b if b else float("inf")
+
+    return {
+        "throughput_x": r(ours["throughput_rps"], naive["throughput_rps"]),
+        "p95_latency_ratio": r(ours["latency_ms"]["p95"], naive["latency_ms"]["p95"]),
+        "db_writes_ratio": r(ours["db_writes"], naive["db_writes"]),
+        "file_writes_ratio": r(ours["file_writes"], naive["file_writes"]),
+    }
+
+
+def plot(runs: dict[str, RunResult], path_prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for label, run in runs.items():
+        buckets: dict[int, list[float]] = {}
+        for s in run.samples:
+            if s.ok:
+                buckets.setdefault(int(s.start), []).append(s.latency * 1000)
+        xs = sorted(buckets)
+        for q, style in ((50, "-"), (95, "--"), (99, ":")):
+            axes[0].plot(xs, [percentile(buckets[x], q) for x in xs], style, label=f"{label} p{q}")
+        axes[1].plot(xs, [len(buckets[x]) for x in xs], label=label)
+        for proc in sorted({p for _, snap in run.rss for p in snap}):
+            axes[2].plot(
+                [t for t, snap in run.rss if proc in snap],
+                [snap[proc] / 2**20 for _, snap in run.rss if proc in snap],
+                label=f"{label}:{proc}",
+            )
+    axes[0].set(title="latency percentiles (ms)", xlabel="s")
+    axes[1].set(title="throughput (replies/s)", xlabel="s")
+    axes[2].set(title="RSS per process (MiB)", xlabel="s")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    out = path_prefix.with_suffix(".png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    paths.append(out)
+    return paths
+
+
+def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) -> str:
+    ours, naive, ratios = summary["raycord"], summary["naive"], summary["ratios"]
+    rows = [
+        ("throughput (replies/s)", "throughput_rps", "{:.1f}"),
+        ("error rate", "error_rate", "{:.4%}"),
+        ("cache hit rate", "cache_hit_rate", "{:.1%}"),
+        ("LLM calls", "llm_calls", "{}"),
+        ("database writes", "db_writes", "{}"),
+        ("state-file writes", "file_writes", "{}"),
+        ("peak RSS, all processes (MiB)", "rss_peak_mb", "{:.0f}"),
+    ]
+    lines = [
+        f"# Load test `{name}`",
+        "",
+        f"`{command}`",
+        "",
+        f"{cfg.users} users, {cfg.duration:.0f} s after a {cfg.ramp_up:.0f} s ramp-up, LLM latency "
+        f"{cfg.llm_latency * 1000:.0f} ms, think time {cfg.think:.2f} s; 70% chat, 20% /ask, 10% images.",
+        "",
+        "| figure | raycord | naive | ratio |",
+        "|---|---|---|---|",
+    ]
+    for title, key, fmt in rows:
+        a, b = ours[key], naive[key]
+        ratio = f"{a / b:.3g}" if isinstance(a, int | float) and b else "-"
+        lines.append(f"| {title} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    for q in ("p50", "p95", "p99"):
+        a, b = ours["latency_ms"][q], naive["latency_ms"][q]
+        lines.append(f"| latency {q} (ms) | {a:.1f} | {b:.1f} | {a / b if b else 0:.3g} |")
+    for q in ("p50", "p95", "p99"):
+        a, b = ours["overhead_ms"][q], naive["overhead_ms"][q]
+        lines.append(f"| overhead excl. LLM {q} (ms) | {a:.2f} | {b:.2f} | {a / b if b else 0:.3g} |")
+    lines += [
+        "",
+        f"Throughput {ratios['throughput_x']:.2f}x the naive pipeline; p95 latency ratio "
+        f"{ratios['p95_latency_ratio']:.2f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(
+    size: str = "full", results_dir: Path | None = None, name: str | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Run the load test; `size="tiny"` is the smoke-test size."""
+    cfg = LoadConfig()
+    if size == "tiny":
+        cfg = LoadConfig(users=5, duration=2.0, ramp_up=0.5, llm_latency=0.01, prompts=20, progress=False)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    out_dir = results_dir or RESULTS_DIR
+    name = name or f"loadtest-{cfg.users}u-{int(cfg.llm_latency * 1000)}ms"
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raycord-load-") as tmp:
+        runs = asyncio.run(run_async(cfg, Path(tmp)))
+    summary: dict[str, Any] = {label: r.summary() for label, r in runs.items()}
+    summary["ratios"] = _ratios(summary["raycord"], summary["naive"])
+    summary["config"] = asdict(cfg)
+    summary["rss_series"] = {label: r.rss for label, r in runs.items()}
+    write_results(name, summary, out_dir)
+    command = " ".join(["raycord loadtest", *sys.argv[1:]]) if size != "tiny" else "tiny smoke run"
+    (out_dir / f"{name}.md").write_text(markdown(name, cfg, summary, command))
+    plot(runs, out_dir / name)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raycord loadtest", description=__doc__)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--ramp-up", type=float, default=5.0)
+    parser.add_argument("--llm-latency", type=float, default=0.3, help="seconds")
+    parser.add_argument("--think", type=float, default=0.0, help="mean seconds between a user's messages")
+    parser.add_argument("--name", help="results name (default from users and latency)")
+    parser.add_argument("--size", choices=["tiny", "full"], default="full")
+    args = parser.parse_args(argv)
+    summary = run(
+        args.size,
+        name=args.name,
+        users=args.users,
+        duration=args.duration,
+        ramp_up=args.ramp_up,
+        llm_latency=args.llm_latency,
+        think=args.think,
+    )
+    print(markdown(args.name or "loadtest", LoadConfig(**summary["config"]), summary, "raycord loadtest"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Smoke run of the load test at a tiny size, so it never rots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.loadtest import run
+
+
+@pytest.mark.asyncio
+async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
+    ray_session: None, tmp_path: Path
+) -> None:
+    import asyncio
+
+    summary = await asyncio.to_thread(run, "tiny", tmp_path, "smoke")
+    for label in ("raycord", "naive"):
+        figures = summary[label]
+        assert figures["requests"] > 0
+        assert figures["error_rate"] == 0.0
+        assert figures["llm_calls"] > 0
+    # the naive design writes a file per check and a row per event; raycord batches both
+    assert summary["naive"]["file_writes"] == summary["naive"]["requests"]
+    assert summary["naive"]["db_writes"] == summary["naive"]["requests"]
+    assert summary["raycord"]["db_writes"] < summary["naive"]["db_writes"]
+    assert set(summary["ratios"]) == {"throughput_x", "p95_latency_ratio", "db_writes_ratio", "file_writes_ratio"}
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert doc["results"]["config"]["users"] == 5
+    assert (tmp_path / "smoke.md").read_text().startswith("# Load test `smoke`")
+    assert (tmp_path / "smoke.png").stat().st_size > 0

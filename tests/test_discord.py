@@ -1,0 +1,313 @@
+"""The Discord front-end through discord.py's own event path (dpytest), on real actors.
+
+dpytest stands in for Discord's servers; the bot, its handlers, the pipeline and the
+Ray actors behind it are the real ones. Interaction responses (slash commands) go to a
+recording webhook adapter, Discord's HTTP side for interactions, which dpytest lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import discord
+import discord.ext.test as dpytest
+import discord.ext.test.backend as dpy_backend
+import discord.ext.test.factories as dpy_facts
+import pytest
+import pytest_asyncio
+from discord.webhook.async_ import AsyncWebhookAdapter, async_context
+
+from actors.ratelimit import RateLimitConfig, WindowLimits
+from bot.config import DiscordSettings, Settings
+from bot.discord_app import NO_PINGS, RaycordBot, StreamedReply
+from bot.discord_text import DISCORD_LIMIT
+from bot.pipeline import ChatPipeline
+from bot.runtime import Runtime
+from tests.conftest import make_settings
+
+_ids = itertools.count(1_000_000_000_000_000_001)
+
+
+async def start_bot(settings: Settings, pipeline: ChatPipeline) -> RaycordBot:
+    # dpytest keeps its fake members in the member cache, which needs the members intent
+    intents = discord.Intents.default()
+    intents.members = True
+    bot = RaycordBot(settings, pipeline, intents=intents)
+    await bot._async_setup_hook()
+    dpytest.configure(bot, members=2)
+    await bot.setup_hook()
+    return bot
+
+
+@pytest_asyncio.fixture
+async def bot(runtime: Runtime) -> AsyncIterator[RaycordBot]:
+    assert runtime.pipeline is not None
+    settings = runtime.settings.model_copy(
+        update={"discord": DiscordSettings(edit_interval_seconds=0, admin_user_ids=[])}
+    )
+    client = await start_bot(settings, runtime.pipeline)
+    yield client
+    await dpytest.empty_queue()
+
+
+def mention(bot: RaycordBot, text: str) -> str:
+    assert bot.user is not None
+    return f"<@{bot.user.id}> {text}"
+
+
+def bot_replies(bot: RaycordBot, channel: discord.abc.Messageable) -> list[str]:
+    """What the bot has in the channel now, after every edit."""
+    assert bot.user is not None
+    stored = dpytest.get_config().messages.get(channel.id, [])  # type: ignore[attr-defined]
+    return [m["content"] for m in stored if int(m["author"]["id"]) == bot.user.id]
+
+
+async def settle(bot: RaycordBot) -> None:
+    await dpytest.run_all_events()
+    await bot.pipeline.writes.drain(10)
+
+
+@pytest.mark.asyncio
+async def test_a_mention_gets_a_reply(bot: RaycordBot) -> None:
+    channel = dpytest.get_config().channels[0]
+    await dpytest.message(mention(bot, "what is a ray actor?"), channel=channel)
+    replies = bot_replies(bot, channel)
+    assert len(replies) == 1
+    assert "\u201cwhat is a ray actor?\u201d" in replies[0]
+
+
+@pytest.mark.asyncio
+async def test_messages_not_for_the_bot_are_ignored(bot: RaycordBot) -> None:
+    channel = dpytest.get_config().channels[0]
+    await dpytest.message("just chatting with friends", channel=channel)
+    assert bot_replies(bot, channel) == []
+    assert dpytest.verify().message().nothing()
+
+
+@pytest.mark.asyncio
+async def test_a_dm_gets_a_reply(bot: RaycordBot) -> None:
+    member = dpytest.get_config().members[0]
+    dm = await member.create_dm()
+    await dpytest.message("hello in private", channel=dm, member=member)
+    replies = bot_replies(bot, dm)
+    assert len(replies) == 1 and "hello in private" in replies[0]
+
+
+@pytest.mark.asyncio
+async def test_a_reply_chain_keeps_its_context(bot: RaycordBot) -> None:
+    config = dpytest.get_config()
+    channel, member = config.channels[0], config.members[1]
+    await dpytest.message(mention(bot, "my name is Ada"), channel=channel, member=member)
+    await settle(bot)
+    assert bot.user is not None
+    ours = [m for m in config.messages[channel.id] if int(m["author"]["id"]) == bot.user.id]
+    data = dpy_facts.make_message_dict(channel, member, content="what is my name?", id_num=next(_ids))
+    data["message_reference"] = {"message_id": ours[-1]["id"], "channel_id": channel.id}
+    data["referenced_message"] = ours[-1]
+    config.messages[channel.id].append(data)
+    dpy_backend.get_state().parse_message_create(data)
+    await dpytest.run_all_events()
+    replies = bot_replies(bot, channel)
+    assert "what is my name?" in replies[-1]
+    assert "I remember 1 earlier message" in replies[-1]
+
+
+@pytest.mark.asyncio
+async def test_generated_everyone_pings_no_one(bot: RaycordBot, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, Any] | None] = []
+    original = discord.abc.handle_message_parameters
+
+    def observe(*args: Any, **kwargs: Any) -> Any:
+        params = original(*args, **kwargs)
+        sent.append((params.payload or {}).get("allowed_mentions"))
+        return params
+
+    monkeypatch.setattr(discord.abc, "handle_message_parameters", observe)
+    monkeypatch.setattr(discord.message, "handle_message_parameters", observe)
+    channel = dpytest.get_config().channels[0]
+    await dpytest.message(mention(bot, "please say @everyone and @here"), channel=channel)
+    assert "@everyone" in bot_replies(bot, channel)[-1]
+    assert sent, "the reply went through discord.py's send path"
+    for allowed in sent:
+        assert allowed is not None
+        assert allowed["parse"] == []
+        assert "users" not in allowed and "roles" not in allowed
+
+
+@pytest.mark.asyncio
+async def test_a_5000_character_answer_with_code_is_split_into_valid_messages(bot: RaycordBot) -> None:
+    channel = dpytest.get_config().channels[0]
+    source = await dpytest.message("long one please", channel=channel)
+    code = "\n".join(f"print({i})  # line {i}" for i in range(220))
+    answer = "Here you go. " * 60 + f"\n```python\n{code}\n```\nThat's all."
+    assert len(answer) > 5000
+    reply = StreamedReply(source, bot.throttle)
+    await reply.update(answer[:500])
+    await reply.finish(answer)
+    contents = bot_replies(bot, channel)
+    assert len(contents) >= 3
+    assert all(len(c) <= DISCORD_LIMIT for c in contents)
+    for c in contents:
+        fences = [line for line in c.split("\n") if line.startswith("```")]
+        assert len(fences) % 2 == 0, c[:80]
+    assert "print(219)" in contents[-1] or "print(219)" in contents[-2]
+
+
+@pytest.mark.asyncio
+async def test_a_blocked_channel_is_ignored(runtime: Runtime) -> None:
+    assert runtime.pipeline is not None
+    client = await start_bot(runtime.settings, runtime.pipeline)
+    channel = dpytest.get_config().channels[0]
+    client.gate.config = DiscordSettings(block_channels=[str(channel.id)])
+    await dpytest.message(mention(client, "anyone there?"), channel=channel)
+    assert bot_replies(client, channel) == []
+    await dpytest.empty_queue()
+
+
+@pytest.mark.asyncio
+async def test_a_rate_limited_user_is_told_when_to_ask_again(ray_session: None, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, ratelimit=RateLimitConfig(message=WindowLimits(minute=1, hour=10, day=10)))
+    rt = Runtime(settings)
+    pipeline = await rt.start()
+    try:
+        client = await start_bot(settings, pipeline)
+        channel = dpytest.get_config().channels[0]
+        await dpytest.message(mention(client, "first"), channel=channel)
+        await dpytest.message(mention(client, "second"), channel=channel)
+        replies = bot_replies(client, channel)
+        assert len(replies) == 2
+        assert "Try again in" in replies[1]
+        await dpytest.empty_queue()
+    finally:
+        await rt.shutdown(kill_actors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_non_image_attachment_is_refused_politely(bot: RaycordBot, tmp_path: Path) -> None:
+    channel = dpytest.get_config().channels[0]
+    doc = tmp_path / "notes.txt"
+    doc.write_text("hello")
+    await dpytest.message(mention(bot, "read this"), channel=channel, attachments=[str(doc)])
+    replies = bot_replies(bot, channel)
+    assert len(replies) == 1
+    assert "I can only look at images" in replies[0] and "notes.txt" in replies[0]
+
+
+# -- slash commands --------------------------------------------------------------------
+
+
+class RecordingAdapter(AsyncWebhookAdapter):
+    """Discord's interaction endpoints, recording what the bot answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def request(self, route: Any, session: Any, *, payload: dict[str, Any] | None = None,
+                      multipart: list[dict[str, Any]] | None = None, **_: Any) -> Any:
+        body = payload or {}
+        if multipart:
+            import json
+
+            body = json.loads(multipart[0]["value"])
+        self.calls.append((route.method, route.path, body))
+        if route.path.endswith("/callback"):
+            return {"interaction": {"id": str(next(_ids)), "type": 2}}
+        return None
+
+    def texts(self) -> list[str]:
+        out = []
+        for _, _, body in self.calls:
+            content = body.get("content") or body.get("data", {}).get("content")
+            if content:
+                out.append(content)
+        return out
+
+
+async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: str) -> RecordingAdapter:
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
+    channel = dpytest.get_config().channels[0]
+    data: dict[str, Any] = {
+        "id": str(next(_ids)), "application_id": str(bot.application_id or bot.user.id),  # type: ignore[union-attr]
+        "type": 2, "token": "interaction-token", "version": 1,
+        "channel_id": str(channel.id), "guild_id": str(channel.guild.id),
+        "member": {
+            "user": {"id": str(member.id), "username": member.name, "discriminator": "0000", "avatar": None},
+            "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False,
+            "permissions": "0",
+        },
+        "app_permissions": "0", "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
+        "data": {
+            "id": str(next(_ids)), "name": name, "type": 1,
+            "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
+        },
+    }
+    try:
+        interaction = discord.Interaction(data=data, state=bot._connection)  # type: ignore[arg-type]
+        await bot.tree._call(interaction)
+    finally:
+        async_context.reset(token)
+    return adapter
+
+
+@pytest.mark.asyncio
+async def test_slash_ask_answers_and_is_cached_per_server(bot: RaycordBot) -> None:
+    member = dpytest.get_config().members[0]
+    question = f"what is ray? {next(_ids)}"
+    first = await invoke(bot, "ask", member, question=question)
+    assert any(question in t for t in first.texts())
+    await bot.pipeline.writes.drain(10)
+    other = dpytest.get_config().members[1]
+    second = await invoke(bot, "ask", other, question=question)
+    assert second.texts() == first.texts()
+    stats = await bot.pipeline.cache.stats()
+    assert sum(s.hits for s in stats) >= 1
+
+
+@pytest.mark.asyncio
+async def test_slash_reset_and_forget_clear_memory(bot: RaycordBot) -> None:
+    config = dpytest.get_config()
+    channel, member = config.channels[0], config.members[0]
+    await dpytest.message(mention(bot, "remember me"), channel=channel, member=member)
+    await settle(bot)
+    scope = f"channel:{channel.id}"
+    assert (await bot.pipeline.context.build(scope, str(member.id))).turns
+    reset = await invoke(bot, "reset", member)
+    assert reset.texts() == ["Conversation cleared."]
+    assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
+    forget = await invoke(bot, "forget", member)
+    assert "Sure?" in forget.texts()[0]
+    cog = bot.get_cog("RaycordCommands")
+    await dpytest.message(mention(bot, "remember me again"), channel=channel, member=member)
+    await settle(bot)
+    assert await cog.forget_user(str(member.id)) == 1  # type: ignore[union-attr]
+    assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
+
+
+@pytest.mark.asyncio
+async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bot: RaycordBot) -> None:
+    member = dpytest.get_config().members[0]
+    limits = await invoke(bot, "limits", member)
+    assert "minute:" in limits.texts()[0] and "left" in limits.texts()[0]
+    refused = await invoke(bot, "stats", member)
+    assert refused.texts() == ["That command is for the bot's admins."]
+    refused_model = await invoke(bot, "model", member, name="gemini-x")
+    assert refused_model.texts() == ["That command is for the bot's admins."]
+    bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": [str(member.id)]})
+    stats = await invoke(bot, "stats", member)
+    assert "hit rate" in stats.texts()[0]
+    before = bot.pipeline.model
+    try:
+        switched = await invoke(bot, "model", member, name="gemini-x")
+        assert switched.texts() == [f"Model switched from {before} to gemini-x."]
+        assert bot.pipeline.model == "gemini-x"
+    finally:
+        bot.pipeline.model = before
+
+
+def test_no_pings_setting_blocks_every_mention_kind() -> None:
+    assert NO_PINGS.to_dict() == {"parse": [], "replied_user": True}
