@@ -111,7 +111,7 @@ def check_images(images: tuple[ImagePart, ...], *, max_images: int, max_bytes: i
         label = image.name or f"attachment {i}"
         size = len(image.data)
         if size > max_bytes:
-            raise InputRejected(f"{label} is {_mb(size)}; the limit is {_mb(max_bytes)} per image")
+            raise InputRejected(f"{label} is {_size(size)}; the limit is {_size(max_bytes)} per image")
         actual = sniff_image_type(image.data)
         if actual is None:
             declared = image.mime_type or "unknown type"
@@ -120,5 +120,7 @@ def check_images(images: tuple[ImagePart, ...], *, max_images: int, max_bytes: i
     return tuple(checked)
 
 
-def _mb(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MB"
+def _size(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB"
+    return f"{size / 1024:.1f} KB"

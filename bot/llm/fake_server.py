@@ -21,12 +21,15 @@ from typing import Any
 from aiohttp import web
 
 #: the failures the server can inject
-FAULTS = ("429", "500", "503", "timeout", "safety", "blocked", "max_tokens", "empty")
+FAULTS = ("400", "403", "429", "500", "503", "timeout", "safety", "blocked", "max_tokens", "empty")
+_ERROR_FAULTS = ("400", "403", "429", "500", "503")
 FAULT_HEADER = "x-fake-gemini-fault"
 RETRY_DELAY_HEADER = "x-fake-gemini-retry-delay"
 _MARKER = re.compile(r"\[\[fault:([a-z0-9_]+)(?::([0-9.]+))?\]\]")
 
 _STATUS = {
+    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
+    403: ("PERMISSION_DENIED", "The caller does not have permission."),
     429: ("RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."),
     500: ("INTERNAL", "An internal error has occurred."),
     503: ("UNAVAILABLE", "The model is overloaded. Please try again later."),
@@ -79,12 +82,19 @@ class FakeGemini:
     in_flight: int = 0
     peak_in_flight: int = 0
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
     @property
     def calls(self) -> int:
         return len(self.arrivals)
+
+    async def wait_for_calls(self, count: int) -> None:
+        """Return once the server has received at least `count` generate requests."""
+        while self.calls < count:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def fail_next(self, count: int, kind: str, retry_delay: float | None = None) -> None:
         """The next `count` generate requests get `kind` instead of a normal reply."""
@@ -154,6 +164,7 @@ class FakeGemini:
                 sum(1 for c in contents for p in c.get("parts", ()) if "inlineData" in p),
             )
         )
+        self._arrived.set()
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
@@ -180,7 +191,7 @@ class FakeGemini:
             return _error(504, "DEADLINE_EXCEEDED", "the fake server hung on purpose")
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
-        if fault is not None and fault.kind in ("429", "500", "503"):
+        if fault is not None and fault.kind in _ERROR_FAULTS:
             return _error(int(fault.kind), *_STATUS[int(fault.kind)], retry_delay=fault.retry_delay)
 
         words = _reply_words(prompt, cfg.reply_tokens)
