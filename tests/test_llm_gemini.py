@@ -51,7 +51,9 @@ async def make_llm(server: FakeGemini) -> AsyncIterator[MakeLLM]:
 
 
 def ask(prompt: str, key: str = "", images: tuple[ImagePart, ...] = ()) -> LLMRequest:
-    return LLMRequest(prompt=prompt, model="gemini-2.5-flash", system_prompt="be brief", key=key, images=images)
+    return LLMRequest(
+        prompt=prompt, model="gemini-2.5-flash", system_prompt="be brief", key=key, images=images
+    )
 
 
 @pytest.mark.asyncio
@@ -101,7 +103,9 @@ async def test_other_4xx_are_not_retried(
 
 
 @pytest.mark.asyncio
-async def test_exhausted_retries_raise_a_friendly_upstream_error(server: FakeGemini, make_llm: MakeLLM) -> None:
+async def test_exhausted_retries_raise_a_friendly_upstream_error(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
     llm = make_llm(max_attempts=3)
     server.fail_next(5, "500")
     with pytest.raises(UpstreamUnavailable) as caught:
@@ -271,7 +275,7 @@ async def test_an_image_goes_upstream_as_an_inline_part(server: FakeGemini, make
     [
         (ImagePart("text/plain", b"just some text", "notes.txt"), "notes.txt (text/plain) is not a PNG"),
         (ImagePart("image/png", b"GIF89a" + b"\x00" * 10, "fake.png"), "fake.png (image/png) is not a PNG"),
-        (ImagePart("image/png", PNG + b"\x00" * 2000, "big.png"), "big.png is 2.0 KB; the limit is 1.0 KB per image"),
+        (ImagePart("image/png", PNG + b"\x00" * 2000, "big.png"), "big.png is 2.0 KB; the limit is 1.0 KB"),
     ],
 )
 async def test_a_bad_attachment_is_refused_with_a_reason(

@@ -22,8 +22,8 @@ async def test_the_gate_admits_waiters_in_arrival_order_and_skips_the_cancelled(
             order.append(i)
 
     tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
-    while gate.queued < 5:
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop pass runs each new task up to its first wait
+    assert gate.queued == 5
     tasks[2].cancel()
     gate.release()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -38,8 +38,8 @@ async def test_a_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
     await gate.acquire()
     first = asyncio.create_task(gate.acquire())
     second = asyncio.create_task(gate.acquire())
-    while gate.queued < 2:
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert gate.queued == 2
     gate.release()  # hands the slot to `first`...
     first.cancel()  # ...which is cancelled before it runs
     await asyncio.gather(first, return_exceptions=True)
