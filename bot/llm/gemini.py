@@ -130,12 +130,9 @@ class GeminiLLM:
         self.requests += 1
         if not request.key:
             return await self._generate(request, images)
-        joined = self._flights.joined
-        try:
-            return await self._flights.do(request.key, lambda: self._generate(request, images))
-        finally:
-            if self._flights.joined != joined:
-                self._m_coalesced.inc()
+        if request.key in self._flights:
+            self._m_coalesced.inc()
+        return await self._flights.do(request.key, lambda: self._generate(request, images))
 
     def stream(self, request: LLMRequest) -> LLMStream:
         """The reply as text chunks, in order; `result` carries usage once it is exhausted.
@@ -359,8 +356,11 @@ class GeminiLLM:
         result = reply.result(model)
         self.tokens_in += result.tokens_in
         self.tokens_out += result.tokens_out
-        self._m_tokens.inc(result.tokens_in, tags={"direction": "in"})
-        self._m_tokens.inc(result.tokens_out, tags={"direction": "out"})
+        # Ray counters refuse an increment of zero
+        if result.tokens_in:
+            self._m_tokens.inc(result.tokens_in, tags={"direction": "in"})
+        if result.tokens_out:
+            self._m_tokens.inc(result.tokens_out, tags={"direction": "out"})
         return result
 
 

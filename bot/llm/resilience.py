@@ -93,6 +93,9 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._flights
+
     async def do(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
         flight = self._flights.get(key)
         if flight is None:
