@@ -23,6 +23,7 @@ from actors.metrics import LATENCY_MS_BOUNDARIES, counter, gauge, histogram
 from bot.config import Settings
 from bot.llm.base import ImagePart, LLMRequest, LLMResult, LLMStream, check_images
 from bot.llm.resilience import Backoff, CircuitBreaker, ConcurrencyGate, SingleFlight
+from bot.llm.sdk_thread import SDKThread
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class GeminiLLM:
         # a local fake server or a keyed proxy accepts any key
         self._client = genai.Client(api_key=key or "unused", vertexai=False, http_options=http_options)
         self._models = self._client.aio.models
+        self._sdk = SDKThread()
         self._generation = {"temperature": cfg.temperature, "max_output_tokens": cfg.max_output_tokens}
         self._gate = ConcurrencyGate(cfg.max_concurrency)
         self._flights: SingleFlight[LLMResult] = SingleFlight()
@@ -144,7 +146,7 @@ class GeminiLLM:
         return stream
 
     async def aclose(self) -> None:
-        await self._client.aio.aclose()
+        await self._sdk.close(self._client.aio.aclose())
         self._client.close()
 
     def stats(self) -> LLMStats:
@@ -174,8 +176,8 @@ class GeminiLLM:
         async def once() -> types.GenerateContentResponse:
             async with self._attempt(deadline):
                 async with asyncio.timeout_at(self._attempt_deadline(deadline)):
-                    response = await self._models.generate_content(
-                        model=model, contents=contents, config=config
+                    response = await self._sdk.call(
+                        self._models.generate_content(model=model, contents=contents, config=config)
                     )
             return response
 
@@ -192,22 +194,23 @@ class GeminiLLM:
         self.streams += 1
         contents, config = self._build(request, images)
         model = request.model or self.name
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.timeout_seconds
+        deadline = asyncio.get_running_loop().time() + self.settings.timeout_seconds
         reply = _Reply()
         attempt = 0
         while True:
             attempt += 1
             try:
                 async with self._attempt(deadline):
-                    async with asyncio.timeout_at(self._attempt_deadline(deadline)):
-                        chunks = await self._models.generate_content_stream(
+                    chunks = self._sdk.iterate(
+                        lambda: self._models.generate_content_stream(
                             model=model, contents=contents, config=config
                         )
+                    )
                     async with aclosing(chunks):
                         while True:
                             try:
-                                # the timeout covers the wait for a chunk, never the consumer's work
+                                # the timeout covers the wait for a chunk (the first one
+                                # included), never the consumer's work
                                 async with asyncio.timeout_at(self._attempt_deadline(deadline)):
                                     response = await anext(chunks)
                             except StopAsyncIteration:
