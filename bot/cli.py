@@ -1,4 +1,4 @@
-"""The `raycord` command: run, chat, config, loadtest."""
+"""The `raycord` command: run, chat, config, fake-gemini, loadtest."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     _common(config)
+    from bot.llm.fake_server import add_arguments
+
+    fake = sub.add_parser("fake-gemini", help="serve a fake Gemini API, to try or load-test without a key")
+    add_arguments(fake)
     sub.add_parser(
         "loadtest", help="load test: raycord against the naive pipeline (see --help)", add_help=False
     )
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "fake-gemini":
+        from bot.llm.fake_server import config_from_args, serve
+
+        asyncio.run(serve(args.host, args.port, config_from_args(args)))
+        return 0
     try:
         settings = load_settings(args)
     except Exception as exc:

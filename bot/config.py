@@ -35,7 +35,20 @@ class LLMSettings(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_output_tokens: int = Field(default=1024, ge=1)
     max_concurrency: int = Field(default=16, ge=1)
+    #: total deadline of one request: queueing, every attempt and the waits between them
     timeout_seconds: float = Field(default=60.0, gt=0)
+    api_version: str = "v1beta"
+    #: one attempt's limit (for a stream: until the first chunk, and between chunks)
+    attempt_timeout_seconds: float = Field(default=30.0, gt=0)
+    #: attempts per request, the first included; 429, 5xx and timeouts are retried
+    max_attempts: int = Field(default=4, ge=1)
+    backoff_base_seconds: float = Field(default=0.5, gt=0)
+    backoff_max_seconds: float = Field(default=8.0, gt=0)
+    #: consecutive upstream failures that open the circuit breaker
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
+    max_images: int = Field(default=4, ge=0)
+    max_image_bytes: int = Field(default=7 * 1024 * 1024, ge=1)
 
 
 class PipelineSettings(BaseModel):

@@ -8,6 +8,7 @@ background and are retried until the service acknowledges them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -222,10 +223,14 @@ class ChatPipeline:
             if on_chunk is None:
                 return await self.llm.generate(request)
             parts: list[str] = []
-            async for chunk in self.llm.stream(request):
-                parts.append(chunk)
-                await on_chunk("".join(parts))
-            return LLMResult(text="".join(parts), model=self.model)
+            stream = self.llm.stream(request)
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    parts.append(chunk)
+                    await on_chunk("".join(parts))
+            # the stream's result carries token usage and the finish reason
+            result = getattr(stream, "result", None)
+            return result if result is not None else LLMResult(text="".join(parts), model=self.model)
         except RaycordError:
             raise
         except Exception as exc:
@@ -261,7 +266,7 @@ class ChatPipeline:
 
 def _images(msg: IncomingMessage) -> tuple[ImagePart, ...]:
     return tuple(
-        ImagePart(a.content_type or "application/octet-stream", a.data)
+        ImagePart(a.content_type or "application/octet-stream", a.data, a.filename)
         for a in msg.attachments
         if a.data is not None
     )

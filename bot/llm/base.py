@@ -1,4 +1,5 @@
-"""The LLM protocol the pipeline talks to, and the plain request/result types."""
+"""The LLM protocol the pipeline talks to, the plain request/result types, the stream
+object that carries a streamed reply's final result, and the image checks every backend shares."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from actors.errors import InputRejected
+
 
 @dataclass(slots=True, frozen=True)
 class ImagePart:
     mime_type: str
     data: bytes
+    #: the attachment's file name, for messages about it
+    name: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,6 +41,27 @@ class LLMResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+class LLMStream:
+    """A streamed reply: iterate it for the text chunks in order; once it is exhausted,
+    `result` holds the whole reply with its token usage and finish reason."""
+
+    def __init__(self, chunks: AsyncIterator[str]) -> None:
+        self._chunks = chunks
+        self.result: LLMResult | None = None
+
+    def __aiter__(self) -> LLMStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        """Stop early and free what the stream holds (its connection and concurrency slot)."""
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class LLM(Protocol):
     """What every backend offers. `stream` yields the reply's text in order."""
 
@@ -43,6 +69,58 @@ class LLM(Protocol):
 
     async def generate(self, request: LLMRequest) -> LLMResult: ...
 
-    def stream(self, request: LLMRequest) -> AsyncIterator[str]: ...
+    def stream(self, request: LLMRequest) -> LLMStream: ...
 
     async def aclose(self) -> None: ...
+
+
+#: what Gemini takes inline, by the first bytes of the file
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (8, b"WEBP", "image/webp"),
+    (4, b"ftypheic", "image/heic"),
+    (4, b"ftypheix", "image/heic"),
+    (4, b"ftypmif1", "image/heif"),
+    (4, b"ftypheif", "image/heif"),
+)
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The image type the bytes are, judged by their signature; None if not one Gemini takes."""
+    for offset, magic, mime in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            if mime == "image/webp" and not data.startswith(b"RIFF"):
+                continue
+            return mime
+    return None
+
+
+def check_images(images: tuple[ImagePart, ...], *, max_images: int, max_bytes: int) -> tuple[ImagePart, ...]:
+    """The images as they should be sent, their type taken from their bytes.
+
+    Raises:
+        InputRejected: too many images, one too large, or one that is not an image
+            Gemini takes (whatever its declared type says).
+    """
+    if len(images) > max_images:
+        raise InputRejected(f"{len(images)} images were attached; the limit is {max_images}")
+    checked = []
+    for i, image in enumerate(images, 1):
+        label = image.name or f"attachment {i}"
+        size = len(image.data)
+        if size > max_bytes:
+            raise InputRejected(f"{label} is {_size(size)}; the limit is {_size(max_bytes)} per image")
+        actual = sniff_image_type(image.data)
+        if actual is None:
+            declared = image.mime_type or "unknown type"
+            raise InputRejected(f"{label} ({declared}) is not a PNG, JPEG, WEBP, HEIC or HEIF image")
+        checked.append(ImagePart(actual, image.data, image.name))
+    return tuple(checked)
+
+
+def _size(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MB"
+    return f"{size / 1024:.1f} KB"

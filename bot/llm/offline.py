@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 
-from bot.llm.base import LLMRequest, LLMResult
+from bot.llm.base import LLMRequest, LLMResult, LLMStream
 
 OFFLINE_MODEL = "offline-echo"
 
@@ -58,11 +58,16 @@ class OfflineResponder:
             metadata={"backend": "offline"},
         )
 
-    async def stream(self, request: LLMRequest) -> AsyncIterator[str]:
-        result = await self.generate(request)
-        words = result.text.split(" ")
-        for i in range(0, len(words), 8):
-            yield " ".join(words[i : i + 8]) + (" " if i + 8 < len(words) else "")
+    def stream(self, request: LLMRequest) -> LLMStream:
+        async def chunks() -> AsyncIterator[str]:
+            result = await self.generate(request)
+            words = result.text.split(" ")
+            for i in range(0, len(words), 8):
+                yield " ".join(words[i : i + 8]) + (" " if i + 8 < len(words) else "")
+            stream.result = result
+
+        stream = LLMStream(chunks())
+        return stream
 
     async def aclose(self) -> None:
         return None

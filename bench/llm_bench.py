@@ -1,0 +1,299 @@
+"""Benchmark of the Gemini backend against the fake Gemini server (run as `raycord fake-gemini`
+in its own process), through the real google-genai SDK: throughput against the concurrency
+bound, coalescing of identical prompts, event-loop lag while streams run, and the baselines
+(sequential awaits, a naive client per call without coalescing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from google import genai
+from google.genai import types
+
+from bench.common import summarize_ms, write_results
+from bot.config import LLMSettings, Settings
+from bot.llm import LLMRequest
+from bot.llm.gemini import GeminiLLM
+
+MODEL = "gemini-2.5-flash"
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "latency": 0.05,
+        "bounds": [4],
+        "rounds": 3,
+        "identical": 100,
+        "streams": 40,
+        "sequential": 4,
+        "naive": 3,
+    },
+    "full": {
+        "latency": 0.3,
+        "bounds": [4, 16, 64],
+        "rounds": 5,
+        "identical": 100,
+        "streams": 200,
+        "sequential": 10,
+        "naive": 20,
+    },
+}
+
+
+class FakeServerProcess:
+    """`raycord fake-gemini` in a child process, so its work does not load our event loop."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        cmd = [sys.executable, "-m", "bot.cli", "fake-gemini", "--port", "0"]
+        cmd += ["--latency", str(self.latency), "--stream-chunks", "8", "--chunk-interval", "0.02"]
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.stop()
+            raise RuntimeError(f"the fake server did not start: {line!r}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+        return self.url
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+    async def admin(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            if body is None:
+                async with session.get(f"{self.url}/admin/{path}") as resp:
+                    return dict(await resp.json())
+            async with session.post(f"{self.url}/admin/{path}", data=json.dumps(body)) as resp:
+                return dict(await resp.json())
+
+
+@asynccontextmanager
+async def backend(url: str, max_concurrency: int) -> AsyncIterator[GeminiLLM]:
+    llm = GeminiLLM(
+        Settings(
+            gemini_api_key=None,
+            discord_token=None,
+            llm=LLMSettings(base_url=url, model=MODEL, max_concurrency=max_concurrency),
+        )
+    )
+    try:
+        yield llm
+    finally:
+        await llm.aclose()
+
+
+def request(prompt: str, key: str = "") -> LLMRequest:
+    return LLMRequest(prompt=prompt, model=MODEL, key=key)
+
+
+async def timed(server: FakeServerProcess, run: Callable[[], Awaitable[Any]]) -> dict[str, float]:
+    """Wall time, CPU time and upstream calls of `run`."""
+    await server.admin("reset", {})
+    wall, cpu = time.perf_counter(), time.process_time()
+    await run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    stats = await server.admin("stats")
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "upstream_calls": stats["calls"],
+        "server_peak_in_flight": stats["peak_in_flight"],
+    }
+
+
+async def throughput(server: FakeServerProcess, bound: int, calls: int, latency: float) -> dict[str, Any]:
+    async with backend(server.url, bound) as llm:
+
+        async def run() -> None:
+            await asyncio.gather(*(llm.generate(request(f"distinct {i}")) for i in range(calls)))
+
+        out = await timed(server, run)
+        out["peak_in_flight"] = llm.stats().peak_in_flight
+    out["calls"] = calls
+    out["calls_per_s"] = calls / out["seconds"]
+    out["target_calls_per_s"] = bound / latency
+    out["ratio_to_target"] = out["calls_per_s"] / out["target_calls_per_s"]
+    return out
+
+
+async def sequential(server: FakeServerProcess, calls: int) -> dict[str, Any]:
+    async with backend(server.url, 1) as llm:
+
+        async def run() -> None:
+            for i in range(calls):
+                await llm.generate(request(f"one at a time {i}"))
+
+        out = await timed(server, run)
+    out["calls"] = calls
+    out["calls_per_s"] = calls / out["seconds"]
+    return out
+
+
+async def naive_call(url: str, prompt: str) -> str:
+    """The naive design: a fresh SDK client (and connection) per call, no bound, no coalescing."""
+    client = genai.Client(
+        api_key="unused",
+        vertexai=False,
+        http_options=types.HttpOptions(
+            base_url=url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)
+        ),
+    )
+    try:
+        response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
+        return response.text or ""
+    finally:
+        await client.aio.aclose()
+        client.close()
+
+
+async def naive(server: FakeServerProcess, prompts: list[str]) -> dict[str, Any]:
+    async def run() -> None:
+        await asyncio.gather(*(naive_call(server.url, p) for p in prompts))
+
+    out = await timed(server, run)
+    out["calls"] = len(prompts)
+    out["calls_per_s"] = len(prompts) / out["seconds"]
+    return out
+
+
+async def coalescing(server: FakeServerProcess, count: int) -> dict[str, Any]:
+    async with backend(server.url, 16) as llm:
+
+        async def run() -> None:
+            same = request("the same question", key="same")
+            await asyncio.gather(*(llm.generate(same) for _ in range(count)))
+
+        out = await timed(server, run)
+    out["callers"] = count
+    return out
+
+
+async def loop_lag(server: FakeServerProcess, streams: int) -> dict[str, Any]:
+    """Oversleep of `asyncio.sleep(0.001)` while `streams` streamed calls run at once."""
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(max(0.0, time.perf_counter() - start - 0.001))
+
+    async with backend(server.url, streams) as llm:
+
+        async def consume(i: int) -> int:
+            chunks = 0
+            async for _ in llm.stream(request(f"stream {i}")):
+                chunks += 1
+            return chunks
+
+        async def run() -> None:
+            tick = asyncio.create_task(ticker())
+            try:
+                counts = await asyncio.gather(*(consume(i) for i in range(streams)))
+            finally:
+                stop.set()
+                await tick
+            if min(counts) < 1:
+                raise RuntimeError("a stream yielded nothing")
+
+        out = await timed(server, run)
+        out["peak_in_flight"] = llm.stats().peak_in_flight
+    out["streams"] = streams
+    out["lag"] = summarize_ms(lags)
+    return out
+
+
+async def idle_lag(seconds: float) -> dict[str, float]:
+    lags = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append(max(0.0, time.perf_counter() - start - 0.001))
+    return summarize_ms(lags)
+
+
+async def _run(size: str) -> dict[str, Any]:
+    p = SIZES[size]
+    server = FakeServerProcess(p["latency"])
+    await asyncio.to_thread(server.start)
+    try:
+        # one untimed call warms the server and the SDK
+        await sequential(server, 1)
+        bounded = {str(b): await throughput(server, b, b * p["rounds"], p["latency"]) for b in p["bounds"]}
+        biggest = max(p["bounds"])
+        # a client per call costs a lot of CPU (the SDK builds TLS contexts and HTTP clients),
+        # so the naive baseline runs fewer calls; its numbers are per call
+        naive_distinct = await naive(server, [f"distinct {i}" for i in range(p["naive"])])
+        seq = await sequential(server, p["sequential"])
+        ours_same = await coalescing(server, p["identical"])
+        naive_same = await naive(server, ["the same question"] * p["naive"])
+        lag = await loop_lag(server, p["streams"])
+        idle = await idle_lag(1.0)
+    finally:
+        await asyncio.to_thread(server.stop)
+    ours = bounded[str(biggest)]
+    return {
+        "size": size,
+        # the machine is shared: wall-clock numbers move with its load
+        "load_average_1m": os.getloadavg()[0],
+        "latency_s": p["latency"],
+        "throughput_by_bound": bounded,
+        "sequential_before": seq,
+        "naive_client_per_call": naive_distinct,
+        "speedup_vs_sequential": ours["calls_per_s"] / seq["calls_per_s"],
+        "cpu_per_call_ms": {
+            "ours": ours["cpu_seconds"] / ours["calls"] * 1000,
+            "naive_client_per_call": naive_distinct["cpu_seconds"] / naive_distinct["calls"] * 1000,
+        },
+        "identical_prompts": {
+            "ours": ours_same,
+            "naive_client_per_call": naive_same,
+            "upstream_calls_per_caller": {
+                "ours": ours_same["upstream_calls"] / ours_same["callers"],
+                "naive_client_per_call": naive_same["upstream_calls"] / naive_same["calls"],
+            },
+        },
+        "streaming_loop_lag": lag,
+        "idle_loop_lag": idle,
+    }
+
+
+def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
+    results = asyncio.run(_run(size))
+    write_results("llm_bench", results, results_dir)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    args = parser.parse_args()
+    print(json.dumps(run(args.size), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""A fake Gemini REST server (aiohttp) for trying, testing and load-testing raycord without a key.
+
+It serves `POST /{version}/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`
+in Gemini's wire format, with configurable latency and token counts, and injects failures
+(429 with RetryInfo, 500, 503, timeouts, safety blocks) per request or from a server-level script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+#: the failures the server can inject
+FAULTS = ("400", "403", "429", "500", "503", "timeout", "safety", "blocked", "max_tokens", "empty")
+_ERROR_FAULTS = ("400", "403", "429", "500", "503")
+FAULT_HEADER = "x-fake-gemini-fault"
+RETRY_DELAY_HEADER = "x-fake-gemini-retry-delay"
+_MARKER = re.compile(r"\[\[fault:([a-z0-9_]+)(?::([0-9.]+))?\]\]")
+
+_STATUS = {
+    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
+    403: ("PERMISSION_DENIED", "The caller does not have permission."),
+    429: ("RESOURCE_EXHAUSTED", "Resource has been exhausted (e.g. check quota)."),
+    500: ("INTERNAL", "An internal error has occurred."),
+    503: ("UNAVAILABLE", "The model is overloaded. Please try again later."),
+}
+
+
+@dataclass(slots=True)
+class Fault:
+    kind: str
+    #: seconds the client is told to wait (RetryInfo.retryDelay) on a 429
+    retry_delay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULTS:
+            raise ValueError(f"unknown fault {self.kind!r}; known: {', '.join(FAULTS)}")
+
+
+@dataclass(slots=True)
+class Arrival:
+    """One generate request as the server saw it."""
+
+    at: float
+    model: str
+    streamed: bool
+    prompt: str
+    fault: str | None
+    images: int
+
+
+@dataclass(slots=True)
+class FakeGeminiConfig:
+    #: seconds before the reply (before the first chunk when streaming)
+    latency: float = 0.3
+    #: words in a normal reply; the usage metadata reports them as output tokens
+    reply_tokens: int = 24
+    stream_chunks: int = 4
+    #: seconds between streamed chunks
+    chunk_interval: float = 0.01
+    #: how long a "timeout" fault keeps the client waiting
+    hang_seconds: float = 120.0
+
+
+@dataclass
+class FakeGemini:
+    """The server's state: config, the failure script, and what it received."""
+
+    config: FakeGeminiConfig = field(default_factory=FakeGeminiConfig)
+    script: deque[Fault] = field(default_factory=deque)
+    arrivals: list[Arrival] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _runner: web.AppRunner | None = None
+    base_url: str = ""
+
+    @property
+    def calls(self) -> int:
+        return len(self.arrivals)
+
+    async def wait_for_calls(self, count: int) -> None:
+        """Return once the server has received at least `count` generate requests."""
+        while self.calls < count:
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    def fail_next(self, count: int, kind: str, retry_delay: float | None = None) -> None:
+        """The next `count` generate requests get `kind` instead of a normal reply."""
+        self.script.extend(Fault(kind, retry_delay) for _ in range(count))
+
+    def reset(self) -> None:
+        self.script.clear()
+        self.arrivals.clear()
+        self.peak_in_flight = self.in_flight
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "scripted": len(self.script),
+            "config": asdict(self.config),
+        }
+
+    # --- the HTTP side -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{version}/models/{target}", self._generate)
+        app.router.add_get("/admin/stats", self._admin_stats)
+        app.router.add_post("/admin/reset", self._admin_reset)
+        app.router.add_post("/admin/script", self._admin_script)
+        app.router.add_post("/admin/config", self._admin_config)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on `host:port` (0 picks a free port); returns the base URL."""
+        # handler_cancellation: a client that gives up on a hanging request frees its handler
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=1024)
+        await site.start()
+        bound = self._runner.addresses[0]
+        self.base_url = f"http://{host}:{bound[1]}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["target"].partition(":")
+        if action not in ("generateContent", "streamGenerateContent"):
+            return _error(404, "NOT_FOUND", f"unknown method {action!r}")
+        try:
+            body = await request.json()
+            contents = body["contents"]
+            prompt = _last_user_text(contents)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            return _error(400, "INVALID_ARGUMENT", f"malformed request: {exc}")
+        fault = self._fault_for(request, prompt)
+        streamed = action == "streamGenerateContent"
+        self.arrivals.append(
+            Arrival(
+                time.monotonic(),
+                model,
+                streamed,
+                prompt,
+                fault.kind if fault else None,
+                sum(1 for c in contents for p in c.get("parts", ()) if "inlineData" in p),
+            )
+        )
+        self._arrived.set()
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._respond(request, body, prompt, fault, streamed)
+        finally:
+            self.in_flight -= 1
+
+    def _fault_for(self, request: web.Request, prompt: str) -> Fault | None:
+        kind = request.headers.get(FAULT_HEADER)
+        delay = request.headers.get(RETRY_DELAY_HEADER)
+        if kind is None and (marker := _MARKER.search(prompt)):
+            kind, delay = marker.group(1), marker.group(2)
+        if kind is not None:
+            return Fault(kind, float(delay) if delay else None)
+        return self.script.popleft() if self.script else None
+
+    async def _respond(
+        self, request: web.Request, body: dict[str, Any], prompt: str, fault: Fault | None, streamed: bool
+    ) -> web.StreamResponse:
+        cfg = self.config
+        if fault is not None and fault.kind == "timeout":
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), cfg.hang_seconds)
+            return _error(504, "DEADLINE_EXCEEDED", "the fake server hung on purpose")
+        if cfg.latency:
+            await asyncio.sleep(cfg.latency)
+        if fault is not None and fault.kind in _ERROR_FAULTS:
+            return _error(int(fault.kind), *_STATUS[int(fault.kind)], retry_delay=fault.retry_delay)
+
+        words = _reply_words(prompt, cfg.reply_tokens)
+        tokens_in = sum(len(p.get("text", "").split()) for c in body["contents"] for p in c.get("parts", ()))
+        finish = "STOP"
+        if fault is not None and fault.kind == "max_tokens":
+            words, finish = words[: max(1, len(words) // 2)], "MAX_TOKENS"
+        chunks: list[dict[str, Any]]
+        if fault is not None and fault.kind in ("safety", "blocked", "empty"):
+            chunks = [_blocked(fault.kind, tokens_in)]
+        else:
+            pieces = _split(words, cfg.stream_chunks if streamed else 1)
+            chunks = []
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                candidate: dict[str, Any] = {
+                    "content": {"role": "model", "parts": [{"text": piece}]},
+                    "index": 0,
+                }
+                if last:
+                    candidate["finishReason"] = finish
+                done = sum(len(p.split()) for p in pieces[: i + 1])
+                chunks.append(
+                    {
+                        "candidates": [candidate],
+                        "usageMetadata": _usage(tokens_in, done),
+                        "modelVersion": request.match_info["target"].partition(":")[0],
+                    }
+                )
+        if not streamed:
+            return web.json_response(chunks[0])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, chunk in enumerate(chunks):
+            if i and cfg.chunk_interval:
+                await asyncio.sleep(cfg.chunk_interval)
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+        await response.write_eof()
+        return response
+
+    # --- admin endpoints, so a separate process (the benchmark) can steer the server -------
+
+    async def _admin_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _admin_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response(self.stats())
+
+    async def _admin_script(self, request: web.Request) -> web.Response:
+        try:
+            doc = await request.json()
+            self.fail_next(int(doc.get("count", 1)), str(doc["kind"]), doc.get("retry_delay"))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, "INVALID_ARGUMENT", str(exc))
+        return web.json_response(self.stats())
+
+    async def _admin_config(self, request: web.Request) -> web.Response:
+        try:
+            doc = await request.json()
+            for name, value in doc.items():
+                if not hasattr(self.config, name):
+                    raise KeyError(name)
+                setattr(self.config, name, type(getattr(self.config, name))(value))
+        except (ValueError, KeyError, TypeError) as exc:
+            return _error(400, "INVALID_ARGUMENT", f"bad config: {exc}")
+        return web.json_response(self.stats())
+
+
+def _last_user_text(contents: list[dict[str, Any]]) -> str:
+    for content in reversed(contents):
+        if content.get("role", "user") == "user":
+            return " ".join(p["text"] for p in content.get("parts", ()) if "text" in p)
+    raise ValueError("no user content")
+
+
+def _reply_words(prompt: str, count: int) -> list[str]:
+    said = " ".join(prompt.split()[:12])
+    words = f"(fake gemini) you said: {said}.".split()
+    filler = ("lorem", "ipsum", "dolor", "sit", "amet")
+    while len(words) < count:
+        words.append(filler[len(words) % len(filler)])
+    return words
+
+
+def _split(words: list[str], parts: int) -> list[str]:
+    parts = max(1, min(parts, len(words)))
+    size = -(-len(words) // parts)
+    pieces = [words[i : i + size] for i in range(0, len(words), size)]
+    return [" ".join(p) + (" " if i < len(pieces) - 1 else "") for i, p in enumerate(pieces)]
+
+
+def _usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
+    return {
+        "promptTokenCount": tokens_in,
+        "candidatesTokenCount": tokens_out,
+        "totalTokenCount": tokens_in + tokens_out,
+    }
+
+
+def _blocked(kind: str, tokens_in: int) -> dict[str, Any]:
+    if kind == "blocked":
+        return {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": _usage(tokens_in, 0)}
+    if kind == "empty":
+        return {"candidates": [], "usageMetadata": _usage(tokens_in, 0)}
+    rating = {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+    return {
+        "candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [rating]}],
+        "usageMetadata": _usage(tokens_in, 0),
+    }
+
+
+def _error(code: int, status: str, message: str, retry_delay: float | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if retry_delay is not None:
+        error["details"] = [
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_delay:g}s"}
+        ]
+    return web.json_response({"error": error}, status=code)
+
+
+async def serve(host: str, port: int, config: FakeGeminiConfig) -> None:
+    """Run the fake server until SIGINT/SIGTERM; prints its base URL first."""
+    server = FakeGemini(config=config)
+    url = await server.start(host, port)
+    print(f"fake gemini listening on {url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = FakeGeminiConfig()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--latency", type=float, default=defaults.latency, help="seconds per reply")
+    parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
+    parser.add_argument("--stream-chunks", type=int, default=defaults.stream_chunks)
+    parser.add_argument("--chunk-interval", type=float, default=defaults.chunk_interval)
+
+
+def config_from_args(args: argparse.Namespace) -> FakeGeminiConfig:
+    return FakeGeminiConfig(
+        latency=args.latency,
+        reply_tokens=args.reply_tokens,
+        stream_chunks=args.stream_chunks,
+        chunk_interval=args.chunk_interval,
+    )
