@@ -16,7 +16,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ class LoadConfig:
     duration: float = 30.0
     ramp_up: float = 5.0
     llm_latency: float = 0.3
+    llm_concurrency: int = 64
     #: mean pause between a user's reply and their next message (0 = closed loop)
     think: float = 0.0
     prompts: int = 300
@@ -76,6 +77,7 @@ class RunResult:
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     elapsed: float = 0.0
     llm_calls: int = 0
+    coalesced: int = 0
     db_writes: int = 0
     file_writes: int = 0
 
@@ -95,6 +97,7 @@ class RunResult:
             "cache_hit_rate": sum(s.cached for s in ok) / len(ok) if ok else 0.0,
             "llm_calls": self.llm_calls,
             "llm_calls_saved_by_cache": sum(s.cached for s in ok),
+            "llm_calls_saved_by_coalescing": self.coalesced,
             "db_writes": self.db_writes,
             "file_writes": self.file_writes,
             "rss_peak_mb": peak / 2**20,
@@ -213,11 +216,48 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
 
 
 @asynccontextmanager
-async def load_llm(cfg: LoadConfig) -> AsyncIterator[Callable[[], LLM]]:
-    """A factory of LLM clients for the load: the offline responder at the configured latency."""
-    from bot.llm.offline import OfflineResponder
+async def fake_gemini(latency: float) -> AsyncIterator[str]:
+    """`raycord fake-gemini` in a process of its own (so it does not share our event loop)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "fake-gemini",
+        "--port",
+        "0",
+        "--latency",
+        str(latency),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if "listening on" not in line:
+            raise RuntimeError(f"fake gemini did not start: {line!r}")
+        yield line.rsplit(" ", 1)[-1].strip()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
 
-    yield lambda: OfflineResponder(latency=cfg.llm_latency)
+
+def gemini_llm(url: str, concurrency: int) -> LLM:
+    from bot.config import LLMSettings
+    from bot.llm.gemini import GeminiLLM
+
+    settings = Settings(
+        dashboard=False,
+        discord_token=None,
+        gemini_api_key=None,
+        llm=LLMSettings(base_url=url, max_concurrency=concurrency),
+    )
+    return GeminiLLM(settings)
+
+
+def llm_counts(llm: Any) -> tuple[int, int]:
+    """(upstream calls, requests answered by another request's call)."""
+    stats = llm.stats()
+    return stats.upstream_calls, stats.coalesced
 
 
 def load_settings(state_dir: Path) -> Settings:
@@ -236,8 +276,8 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
     from bot.runtime import Runtime
 
     results: dict[str, RunResult] = {}
-    async with load_llm(cfg) as make_llm:
-        llm = make_llm()
+    async with fake_gemini(cfg.llm_latency) as url:
+        llm = gemini_llm(url, cfg.llm_concurrency)
         runtime = Runtime(load_settings(state_dir / "raycord"), llm=llm)
         pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
         pids = {"driver": os.getpid()}
@@ -247,20 +287,21 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         try:
             ours = await drive(pipeline, cfg, "raycord", pids)
             await runtime.flush()
-            ours.llm_calls = getattr(llm, "calls", 0)
+            ours.llm_calls, ours.coalesced = llm_counts(llm)
             ours.db_writes, ours.file_writes = await _service_writes(runtime)
         finally:
             await runtime.shutdown(kill_actors=True)
         results["raycord"] = ours
 
-        naive_llm = make_llm()
+        naive_llm = gemini_llm(url, cfg.llm_concurrency)
         naive = NaivePipeline(state_dir / "naive", naive_llm, per_minute=100_000)
         try:
             before = await drive(naive, cfg, "naive", {"driver": os.getpid()})
-            before.llm_calls = getattr(naive_llm, "calls", 0)
+            before.llm_calls, before.coalesced = llm_counts(naive_llm)
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
         finally:
             naive.close()
+            await naive_llm.aclose()
         results["naive"] = before
     return {k: v for k, v in results.items()}
 

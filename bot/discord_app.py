@@ -176,10 +176,11 @@ class RaycordBot(commands.Bot):
         too_big = [a.filename for a in message.attachments if a.size > limit]
         if too_big:
             raise InputRejected(f"{', '.join(too_big)} is over the {limit // (1024 * 1024)} MiB image limit")
-        return tuple(
-            Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=await a.read())
-            for a in message.attachments
-        )
+        images = []
+        for a in message.attachments:
+            data = await a.read()
+            images.append(Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=data))
+        return tuple(images)
 
     async def on_message(self, message: discord.Message) -> None:
         if message.author.bot or (self.user is not None and message.author.id == self.user.id):

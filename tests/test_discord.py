@@ -7,6 +7,7 @@ recording webhook adapter, Discord's HTTP side for interactions, which dpytest l
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +39,8 @@ async def start_bot(settings: Settings, pipeline: ChatPipeline) -> RaycordBot:
     bot = RaycordBot(settings, pipeline, intents=intents)
     await bot._async_setup_hook()
     dpytest.configure(bot, members=2)
+    # dpytest's state predates discord.py setting the loop at login (typing() needs it)
+    bot._connection.loop = asyncio.get_running_loop()
     await bot.setup_hook()
     return bot
 
@@ -58,10 +61,17 @@ def mention(bot: RaycordBot, text: str) -> str:
     return f"<@{bot.user.id}> {text}"
 
 
+def sent_messages(channel: discord.abc.Messageable) -> list[dict[str, Any]]:
+    """Every message dpytest's backend holds for the channel, as Discord would store it."""
+    backend = dpy_backend._cur_config
+    assert backend is not None
+    return backend.messages.setdefault(channel.id, [])  # type: ignore[attr-defined]
+
+
 def bot_replies(bot: RaycordBot, channel: discord.abc.Messageable) -> list[str]:
     """What the bot has in the channel now, after every edit."""
     assert bot.user is not None
-    stored = dpytest.get_config().messages.get(channel.id, [])  # type: ignore[attr-defined]
+    stored = sent_messages(channel)
     return [m["content"] for m in stored if int(m["author"]["id"]) == bot.user.id]
 
 
@@ -103,11 +113,11 @@ async def test_a_reply_chain_keeps_its_context(bot: RaycordBot) -> None:
     await dpytest.message(mention(bot, "my name is Ada"), channel=channel, member=member)
     await settle(bot)
     assert bot.user is not None
-    ours = [m for m in config.messages[channel.id] if int(m["author"]["id"]) == bot.user.id]
+    ours = [m for m in sent_messages(channel) if int(m["author"]["id"]) == bot.user.id]
     data = dpy_facts.make_message_dict(channel, member, content="what is my name?", id_num=next(_ids))
     data["message_reference"] = {"message_id": ours[-1]["id"], "channel_id": channel.id}
     data["referenced_message"] = ours[-1]
-    config.messages[channel.id].append(data)
+    sent_messages(channel).append(data)
     dpy_backend.get_state().parse_message_create(data)
     await dpytest.run_all_events()
     replies = bot_replies(bot, channel)
@@ -240,7 +250,7 @@ async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: 
             "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False,
             "permissions": "0",
         },
-        "app_permissions": "0", "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
+        "app_permissions": "0", "attachment_size_limit": 8 * 2**20, "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
         "data": {
             "id": str(next(_ids)), "name": name, "type": 1,
             "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
