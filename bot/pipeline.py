@@ -186,7 +186,7 @@ class ChatPipeline:
         request = LLMRequest(
             prompt=msg.text,
             model=self.model,
-            system_prompt=settings.pipeline.system_prompt,
+            system_prompt="\n\n".join(filter(None, (settings.pipeline.system_prompt, built.social))),
             history=built.turns,
             images=_images(msg),
             key=key,
@@ -215,7 +215,8 @@ class ChatPipeline:
         check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
         if msg.stateless:
             return await check, _EMPTY_CONTEXT
-        decision, built = await asyncio.gather(check, self.context.build(msg.scope, msg.user_id))
+        build = self.context.build(msg.scope, msg.user_id, msg.server_id)
+        decision, built = await asyncio.gather(check, build)
         return decision, built
 
     async def _generate(self, request: LLMRequest, on_chunk: ChunkCallback | None) -> LLMResult:

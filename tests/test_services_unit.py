@@ -9,9 +9,8 @@ import pytest
 
 from actors.analytics import AnalyticsSink, event_row
 from actors.cache import CacheConfig, ResponseCache, cache_key
-from actors.context import ContextConfig, ContextStore
 from actors.ratelimit import RateLimitConfig, RateLimiter, WindowLimits
-from actors.schemas import AnalyticsEvent, Turn
+from actors.schemas import AnalyticsEvent
 from actors.sharding import group_by_shard, shard_index, stable_hash
 from tests.conftest import FakeClock
 
@@ -39,19 +38,6 @@ def test_cache_key_depends_on_every_part_but_not_on_spacing_or_case() -> None:
         cache_key("m", "1", "user:1", "hello world", "ctx2"),
     ):
         assert other != base
-
-
-@pytest.mark.asyncio
-async def test_context_build_shows_a_new_turn_at_once_and_window_drops_oldest(clock: FakeClock) -> None:
-    store = ContextStore(ContextConfig(max_turns=3), clock=clock)
-    for i in range(4):
-        await store.append("s", "u", [Turn(role="user", author="u", text=f"t{i}", time=clock())])
-        built = await store.build("s", "u")
-        assert built.turns[-1][2] == f"t{i}"
-    assert [t[2] for t in built.turns] == ["t1", "t2", "t3"]
-    again = await store.build("s", "u")
-    assert again.digest == built.digest
-    assert (await store.stats()).built_hits == 1
 
 
 @pytest.mark.asyncio
