@@ -122,8 +122,10 @@ class RaycordBot(commands.Bot):
         intents = options.pop("intents", None) or discord.Intents.default()
         intents.message_content = True
         super().__init__(
-            command_prefix=commands.when_mentioned, intents=intents,
-            allowed_mentions=NO_PINGS, **options,
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=NO_PINGS,
+            **options,
         )
         self.settings = settings
         self.pipeline = pipeline
@@ -155,6 +157,14 @@ class RaycordBot(commands.Bot):
             return f"channel:{message.channel.id}"
         return None
 
+    def _replied_user(self, message: discord.Message) -> str | None:
+        """The other user this message replies to, for the server's social graph."""
+        ref = message.reference
+        resolved = ref.resolved if ref is not None else None
+        if isinstance(resolved, discord.Message) and resolved.author != self.user:
+            return str(resolved.author.id)
+        return None
+
     def _remember_scope(self, messages: list[discord.Message], scope: str) -> None:
         for m in messages:
             self._scopes[m.id] = scope
@@ -179,7 +189,9 @@ class RaycordBot(commands.Bot):
         images = []
         for a in message.attachments:
             data = await a.read()
-            images.append(Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=data))
+            images.append(
+                Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=data)
+            )
         return tuple(images)
 
     async def on_message(self, message: discord.Message) -> None:
@@ -198,6 +210,7 @@ class RaycordBot(commands.Bot):
                 channel_id=str(message.channel.id),
                 message_id=str(message.id),
                 mentions=tuple(str(u.id) for u in message.mentions if u != self.user),
+                reply_to_user=self._replied_user(message),
                 attachments=await self._images(message),
             )
             reply = StreamedReply(message, self.throttle)
@@ -287,13 +300,19 @@ class RaycordCommands(commands.Cog):
     async def ask(self, interaction: discord.Interaction, question: str) -> None:
         await interaction.response.defer(thinking=True)
         try:
-            reply = await self.pipeline.handle(IncomingMessage(
-                text=question, user_id=str(interaction.user.id), user_name=interaction.user.display_name,
-                scope=self._scope(interaction),
-                server_id=str(interaction.guild_id) if interaction.guild_id else None,
-                channel_id=str(interaction.channel_id), kind="command", stateless=True,
-                cache_scope="server" if interaction.guild_id else "user",
-            ))
+            reply = await self.pipeline.handle(
+                IncomingMessage(
+                    text=question,
+                    user_id=str(interaction.user.id),
+                    user_name=interaction.user.display_name,
+                    scope=self._scope(interaction),
+                    server_id=str(interaction.guild_id) if interaction.guild_id else None,
+                    channel_id=str(interaction.channel_id),
+                    kind="command",
+                    stateless=True,
+                    cache_scope="server" if interaction.guild_id else "user",
+                )
+            )
             text = reply.text
         except RaycordError as exc:
             text = exc.user_message()
@@ -308,7 +327,8 @@ class RaycordCommands(commands.Cog):
     async def forget(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
             "This deletes all your conversations with me and my cached replies to you. Sure?",
-            view=ForgetConfirm(self, interaction.user.id), ephemeral=True,
+            view=ForgetConfirm(self, interaction.user.id),
+            ephemeral=True,
         )
 
     @app_commands.command(name="limits", description="My remaining message and command budget")

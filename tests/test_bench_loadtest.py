@@ -26,7 +26,12 @@ async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
     assert summary["naive"]["file_writes"] == summary["naive"]["requests"]
     assert summary["naive"]["db_writes"] == summary["naive"]["requests"]
     assert summary["raycord"]["db_writes"] < summary["naive"]["db_writes"]
-    assert set(summary["ratios"]) == {"throughput_x", "p95_latency_ratio", "db_writes_ratio", "file_writes_ratio"}
+    assert set(summary["ratios"]) == {
+        "throughput_x",
+        "p95_latency_ratio",
+        "db_writes_ratio",
+        "file_writes_ratio",
+    }
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["results"]["config"]["users"] == 5
     assert (tmp_path / "smoke.md").read_text().startswith("# Load test `smoke`")

@@ -179,7 +179,9 @@ async def test_a_blocked_channel_is_ignored(runtime: Runtime) -> None:
 
 @pytest.mark.asyncio
 async def test_a_rate_limited_user_is_told_when_to_ask_again(ray_session: None, tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, ratelimit=RateLimitConfig(message=WindowLimits(minute=1, hour=10, day=10)))
+    settings = make_settings(
+        tmp_path, ratelimit=RateLimitConfig(message=WindowLimits(minute=1, hour=10, day=10))
+    )
     rt = Runtime(settings)
     pipeline = await rt.start()
     try:
@@ -216,8 +218,15 @@ class RecordingAdapter(AsyncWebhookAdapter):
         super().__init__()
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
 
-    async def request(self, route: Any, session: Any, *, payload: dict[str, Any] | None = None,
-                      multipart: list[dict[str, Any]] | None = None, **_: Any) -> Any:
+    async def request(
+        self,
+        route: Any,
+        session: Any,
+        *,
+        payload: dict[str, Any] | None = None,
+        multipart: list[dict[str, Any]] | None = None,
+        **_: Any,
+    ) -> Any:
         body = payload or {}
         if multipart:
             import json
@@ -242,17 +251,30 @@ async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: 
     token = async_context.set(adapter)
     channel = dpytest.get_config().channels[0]
     data: dict[str, Any] = {
-        "id": str(next(_ids)), "application_id": str(bot.application_id or bot.user.id),  # type: ignore[union-attr]
-        "type": 2, "token": "interaction-token", "version": 1,
-        "channel_id": str(channel.id), "guild_id": str(channel.guild.id),
+        "id": str(next(_ids)),
+        "application_id": str(bot.application_id or bot.user.id),  # type: ignore[union-attr]
+        "type": 2,
+        "token": "interaction-token",
+        "version": 1,
+        "channel_id": str(channel.id),
+        "guild_id": str(channel.guild.id),
         "member": {
             "user": {"id": str(member.id), "username": member.name, "discriminator": "0000", "avatar": None},
-            "roles": [], "joined_at": "2024-01-01T00:00:00+00:00", "deaf": False, "mute": False,
+            "roles": [],
+            "joined_at": "2024-01-01T00:00:00+00:00",
+            "deaf": False,
+            "mute": False,
             "permissions": "0",
         },
-        "app_permissions": "0", "attachment_size_limit": 8 * 2**20, "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
+        "app_permissions": "0",
+        "attachment_size_limit": 8 * 2**20,
+        "locale": "en-US",
+        "guild_locale": "en-US",
+        "entitlements": [],
         "data": {
-            "id": str(next(_ids)), "name": name, "type": 1,
+            "id": str(next(_ids)),
+            "name": name,
+            "type": 1,
             "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
         },
     }
