@@ -10,7 +10,6 @@ import pytest
 from actors.analytics import AnalyticsSink, event_row
 from actors.cache import CacheConfig, ResponseCache, cache_key
 from actors.context import ContextConfig, ContextStore
-from actors.ratelimit import RateLimitConfig, RateLimiter, WindowLimits
 from actors.schemas import AnalyticsEvent, Turn
 from actors.sharding import group_by_shard, shard_index, stable_hash
 from tests.conftest import FakeClock
@@ -52,20 +51,6 @@ async def test_context_build_shows_a_new_turn_at_once_and_window_drops_oldest(cl
     again = await store.build("s", "u")
     assert again.digest == built.digest
     assert (await store.stats()).built_hits == 1
-
-
-@pytest.mark.asyncio
-async def test_rate_limiter_denies_over_the_limit_and_says_when(clock: FakeClock) -> None:
-    limiter = RateLimiter(RateLimitConfig(message=WindowLimits(minute=2, hour=10, day=10)), clock=clock)
-    assert (await limiter.check("u")).allowed
-    clock.advance(10)
-    assert (await limiter.check("u")).allowed
-    denied = await limiter.check("u")
-    assert not denied.allowed and denied.window == "minute"
-    assert denied.retry_after == pytest.approx(50.0)
-    assert (await limiter.check("u", "command")).allowed
-    clock.advance(50)
-    assert (await limiter.check("u")).allowed
 
 
 @pytest.mark.asyncio
