@@ -11,7 +11,7 @@ import json
 from array import array
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -49,6 +49,10 @@ class RateLimitConfig(BaseModel):
     buckets: int = Field(default=20, ge=1, le=1000)
     #: how long a group commit waits for more checks to join it (fewer fsyncs under load)
     commit_delay_ms: float = Field(default=1.0, ge=0, le=100)
+    #: FULL fsyncs every group commit (decisions survive power loss); NORMAL hands each
+    #: commit to the OS before answering (survives any crash of the actor or its process,
+    #: not of the machine) and fsyncs only at WAL checkpoints
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
     @field_validator("buckets")
     @classmethod
@@ -194,8 +198,8 @@ class RateLimiter(Service):
     ) -> None:
         super().__init__(clock)
         self.shard = shard
-        conn = ratelimit_db.open_db(ratelimit_db.db_path(state_dir, shard))
         given = config or RateLimitConfig()
+        conn = ratelimit_db.open_db(ratelimit_db.db_path(state_dir, shard), given.synchronous)
         self._base_json = given.model_dump_json()
         self._apply_config(self._stored_override(conn, given))
         self._committer = GroupCommitter(conn, max_delay=self.config.commit_delay_ms / 1000)
@@ -251,11 +255,12 @@ class RateLimiter(Service):
         """Change limits (or buckets, commit delay) live, keeping every key's counts.
 
         Raises:
-            ValueError: the config is invalid or changes the number of shards.
+            ValueError: the config is invalid or changes the shards or the sync mode.
         """
         new = config if isinstance(config, RateLimitConfig) else RateLimitConfig.model_validate(config)
-        if new.shards != self.config.shards:
-            raise ValueError("the number of shards cannot change while running")
+        for fixed in ("shards", "synchronous"):
+            if getattr(new, fixed) != getattr(self.config, fixed):
+                raise ValueError(f"{fixed} cannot change while running; it takes effect on a restart")
         self._apply_config(new)
         self._committer.max_delay = new.commit_delay_ms / 1000
         override = json.dumps({"base": self._base_json, "config": new.model_dump_json()})

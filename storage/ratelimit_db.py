@@ -41,8 +41,8 @@ def db_path(state_dir: Path | None, shard: int) -> Path:
     return state_dir / f"ratelimit-{shard}.sqlite"
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    return open_sqlite(path, SCHEMA)
+def open_db(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+    return open_sqlite(path, SCHEMA, synchronous)
 
 
 def upsert(key: str, last_us: int, expires_us: int, counts: bytes) -> Statement:
