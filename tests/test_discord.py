@@ -343,3 +343,42 @@ async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bo
 
 def test_no_pings_setting_blocks_every_mention_kind() -> None:
     assert NO_PINGS.to_dict() == {"parse": [], "replied_user": True}
+
+
+@pytest.mark.asyncio
+async def test_an_upstream_500_gives_the_friendly_message(runtime: Runtime) -> None:
+    from bot.config import LLMSettings
+    from bot.llm.fake_server import FakeGemini, FakeGeminiConfig
+    from bot.llm.gemini import GeminiLLM
+
+    server = FakeGemini(config=FakeGeminiConfig(latency=0.0))
+    url = await server.start()
+    settings = runtime.settings.model_copy(
+        update={
+            "llm": LLMSettings(
+                base_url=url, max_attempts=2, backoff_base_seconds=0.01, backoff_max_seconds=0.02
+            )
+        }
+    )
+    llm = GeminiLLM(settings)
+    pipeline = ChatPipeline(
+        settings,
+        cache=runtime.clients["cache"],  # type: ignore[arg-type]
+        context=runtime.clients["context"],  # type: ignore[arg-type]
+        limiter=runtime.clients["ratelimit"],  # type: ignore[arg-type]
+        analytics=runtime.clients["analytics"],  # type: ignore[arg-type]
+        llm=llm,
+    )
+    try:
+        client = await start_bot(settings, pipeline)
+        channel = dpytest.get_config().channels[0]
+        server.fail_next(5, "500")
+        await dpytest.message(mention(client, "are you there?"), channel=channel)
+        replies = bot_replies(client, channel)
+        assert replies == ["I couldn't reach the model just now. Please try again in a moment."]
+        assert server.calls == 2  # retried once, then gave up with a friendly reply
+        await dpytest.empty_queue()
+    finally:
+        await pipeline.writes.drain(10)
+        await llm.aclose()
+        await server.stop()

@@ -9,10 +9,8 @@ import pytest
 
 from actors.analytics import AnalyticsSink, event_row
 from actors.cache import CacheConfig, ResponseCache, cache_key
-from actors.ratelimit import RateLimitConfig, RateLimiter, WindowLimits
 from actors.schemas import AnalyticsEvent
 from actors.sharding import group_by_shard, shard_index, stable_hash
-from tests.conftest import FakeClock
 
 
 @pytest.mark.asyncio
@@ -38,20 +36,6 @@ def test_cache_key_depends_on_every_part_but_not_on_spacing_or_case() -> None:
         cache_key("m", "1", "user:1", "hello world", "ctx2"),
     ):
         assert other != base
-
-
-@pytest.mark.asyncio
-async def test_rate_limiter_denies_over_the_limit_and_says_when(clock: FakeClock) -> None:
-    limiter = RateLimiter(RateLimitConfig(message=WindowLimits(minute=2, hour=10, day=10)), clock=clock)
-    assert (await limiter.check("u")).allowed
-    clock.advance(10)
-    assert (await limiter.check("u")).allowed
-    denied = await limiter.check("u")
-    assert not denied.allowed and denied.window == "minute"
-    assert denied.retry_after == pytest.approx(50.0)
-    assert (await limiter.check("u", "command")).allowed
-    clock.advance(50)
-    assert (await limiter.check("u")).allowed
 
 
 @pytest.mark.asyncio
