@@ -8,37 +8,11 @@ from pathlib import Path
 import pytest
 
 from actors.analytics import AnalyticsSink, event_row
-from actors.cache import CacheConfig, ResponseCache, cache_key
 from actors.context import ContextConfig, ContextStore
 from actors.ratelimit import RateLimitConfig, RateLimiter, WindowLimits
 from actors.schemas import AnalyticsEvent, Turn
 from actors.sharding import group_by_shard, shard_index, stable_hash
 from tests.conftest import FakeClock
-
-
-@pytest.mark.asyncio
-async def test_cache_returns_what_was_set_and_evicts_least_recently_used() -> None:
-    cache = ResponseCache(CacheConfig(max_entries=2))
-    await cache.set("a", "A")
-    await cache.set("b", "B" * 5000)
-    assert await cache.get("a") == "A"
-    await cache.set("c", "C")
-    assert await cache.get("b") is None
-    assert await cache.get_many(["a", "c"]) == ["A", "C"]
-    stats = await cache.stats()
-    assert stats.evictions == 1 and stats.entries == 2
-
-
-def test_cache_key_depends_on_every_part_but_not_on_spacing_or_case() -> None:
-    base = cache_key("m", "1", "user:1", "Hello  World", "ctx")
-    assert base == cache_key("m", "1", "user:1", "hello world", "ctx")
-    for other in (
-        cache_key("m2", "1", "user:1", "hello world", "ctx"),
-        cache_key("m", "2", "user:1", "hello world", "ctx"),
-        cache_key("m", "1", "user:2", "hello world", "ctx"),
-        cache_key("m", "1", "user:1", "hello world", "ctx2"),
-    ):
-        assert other != base
 
 
 @pytest.mark.asyncio
