@@ -71,6 +71,8 @@ class _Entry:
     expires: float
     scope: str
     user: str | None
+    #: expiry bucket id, -1 when the entry has no TTL
+    bucket: int
 
 
 class CacheStats(ServiceStats):
@@ -97,6 +99,15 @@ _COMPRESSED, _HAS_USER = 1, 2
 
 
 def _check_item(key: object, value: object, scope: object, user: object) -> None:
+    if (
+        type(key) is str
+        and key
+        and type(value) is str
+        and type(scope) is str
+        and scope
+        and (user is None or type(user) is str)
+    ):
+        return
     if not isinstance(key, str) or not key:
         raise ValueError(f"cache key must be a non-empty string, got {key!r}")
     if not isinstance(value, str):
@@ -203,15 +214,21 @@ class ResponseCache(Service):
             if len(packed) < len(raw):
                 data, compressed = packed, True
         life = ttl if ttl is not None else self.config.ttl_seconds
-        expires = self.clock() + life if life is not None else math.inf
         if key in self._entries:
             self._remove(key)
         if len(data) > self.config.max_bytes:
             self.rejected += 1
             return False
-        self._insert(key, _Entry(data, compressed, len(raw), expires, scope, user))
+        expires = self.clock() + life if life is not None else math.inf
+        self._insert(key, self._entry(data, compressed, len(raw), expires, scope, user))
         self._evict_over_bounds()
         return True
+
+    def _entry(
+        self, data: bytes, compressed: bool, raw_size: int, expires: float, scope: str, user: str | None
+    ) -> _Entry:
+        bucket = int(expires // self.config.expiry_resolution_seconds) if expires != math.inf else -1
+        return _Entry(data, compressed, raw_size, expires, scope, user, bucket)
 
     def delete_now(self, key: str) -> bool:
         if key not in self._entries:
@@ -260,18 +277,26 @@ class ResponseCache(Service):
         return removed
 
     def _insert(self, key: str, entry: _Entry) -> None:
+        # index upkeep is written out inline: this runs on every set and eviction
         self._entries[key] = entry
         self._stored_bytes += len(entry.data)
         self._raw_bytes += entry.raw_size
-        _index_add(self._by_scope, entry.scope, key)
+        keys = self._by_scope.get(entry.scope)
+        if keys is None:
+            self._by_scope[entry.scope] = {key}
+        else:
+            keys.add(key)
         if entry.user is not None:
-            _index_add(self._by_user, entry.user, key)
-        if entry.expires != math.inf:
-            bucket = int(entry.expires // self.config.expiry_resolution_seconds)
-            keys = self._expiry.get(bucket)
+            keys = self._by_user.get(entry.user)
             if keys is None:
-                self._expiry[bucket] = {key}
-                heapq.heappush(self._expiry_heap, bucket)
+                self._by_user[entry.user] = {key}
+            else:
+                keys.add(key)
+        if entry.bucket >= 0:
+            keys = self._expiry.get(entry.bucket)
+            if keys is None:
+                self._expiry[entry.bucket] = {key}
+                heapq.heappush(self._expiry_heap, entry.bucket)
             else:
                 keys.add(key)
 
@@ -279,12 +304,20 @@ class ResponseCache(Service):
         """Undo `_insert`'s accounting for an entry already popped from `_entries`."""
         self._stored_bytes -= len(entry.data)
         self._raw_bytes -= entry.raw_size
-        _index_discard(self._by_scope, entry.scope, key)
+        keys = self._by_scope.get(entry.scope)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_scope[entry.scope]
         if entry.user is not None:
-            _index_discard(self._by_user, entry.user, key)
-        if entry.expires != math.inf:
+            keys = self._by_user.get(entry.user)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_user[entry.user]
+        if entry.bucket >= 0:
             # an emptied bucket stays until its time passes, so its id is pushed only once
-            keys = self._expiry.get(int(entry.expires // self.config.expiry_resolution_seconds))
+            keys = self._expiry.get(entry.bucket)
             if keys is not None:
                 keys.discard(key)
 
@@ -326,9 +359,9 @@ class ResponseCache(Service):
             path.replace(kept)
             return
         now = self.clock()
-        for key, entry in records:
-            if entry.expires > now:
-                self._insert(key, entry)
+        for key, data, compressed, raw_size, expires, scope, user in records:
+            if expires > now:
+                self._insert(key, self._entry(data, compressed, raw_size, expires, scope, user))
         self._evict_over_bounds()
         # the entries live in memory now; a crash later must not resurrect this copy
         path.unlink()
@@ -439,22 +472,6 @@ class ResponseCache(Service):
         )
 
 
-def _index_add(index: dict[str, set[str]], name: str, key: str) -> None:
-    keys = index.get(name)
-    if keys is None:
-        index[name] = {key}
-    else:
-        keys.add(key)
-
-
-def _index_discard(index: dict[str, set[str]], name: str, key: str) -> None:
-    keys = index.get(name)
-    if keys is not None:
-        keys.discard(key)
-        if not keys:
-            del index[name]
-
-
 def _write_snapshot(path: Path, items: list[tuple[str, _Entry]]) -> None:
     """Write `items` to `path` atomically: a temporary file, fsynced, then renamed."""
     tmp = path.with_suffix(".bin.tmp")
@@ -475,7 +492,10 @@ def _write_snapshot(path: Path, items: list[tuple[str, _Entry]]) -> None:
     os.replace(tmp, path)
 
 
-def _read_snapshot(blob: bytes) -> list[tuple[str, _Entry]]:
+_Record = tuple[str, bytes, bool, int, float, str, str | None]
+
+
+def _read_snapshot(blob: bytes) -> list[_Record]:
     """Parse a snapshot; ValueError or struct.error when it is not a whole one."""
     if not blob.startswith(_MAGIC):
         raise ValueError("not a raycord cache snapshot")
@@ -483,7 +503,7 @@ def _read_snapshot(blob: bytes) -> list[tuple[str, _Entry]]:
     pos = len(_MAGIC)
     (count,) = _COUNT.unpack_from(view, pos)
     pos += _COUNT.size
-    records: list[tuple[str, _Entry]] = []
+    records: list[_Record] = []
     for _ in range(count):
         flags, expires, raw_size, nk, ns, nu, nd = _RECORD.unpack_from(view, pos)
         pos += _RECORD.size
@@ -494,7 +514,7 @@ def _read_snapshot(blob: bytes) -> list[tuple[str, _Entry]]:
         scope = bytes(view[pos + nk : pos + nk + ns]).decode("utf-8")
         user = bytes(view[pos + nk + ns : pos + nk + ns + nu]).decode("utf-8") if flags & _HAS_USER else None
         data = bytes(view[end - nd : end])
-        records.append((key, _Entry(data, bool(flags & _COMPRESSED), raw_size, expires, scope, user)))
+        records.append((key, data, bool(flags & _COMPRESSED), raw_size, expires, scope, user))
         pos = end
     if pos != len(blob):
         raise ValueError("snapshot has trailing bytes")

@@ -51,7 +51,7 @@ PARAMS: dict[str, dict[str, Any]] = {
         "sizes": [1_000, 100_000, 1_000_000],
         "ops": 200_000,
         # element visits the array LRU may spend per size: its ops shrink as it grows
-        "before_budget": 200_000_000,
+        "before_budget": 50_000_000,
         "actor_entries": 10_000,
         "actor_gets": 3_000,
         "actor_batches": 300,
@@ -615,11 +615,21 @@ def bench_redis(p: dict[str, Any]) -> dict[str, Any]:
             server.wait()
 
 
+def loop_ns_per_iteration() -> float:
+    """How fast this machine runs plain Python right now, recorded at the start and end of
+    a run: other work on a shared box inflates every timing, and this shows by how much."""
+    start = time.perf_counter()
+    for _ in range(2_000_000):
+        pass
+    return (time.perf_counter() - start) / 2_000_000 * 1e9
+
+
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     if size not in PARAMS:
         raise ValueError(f"size must be one of {sorted(PARAMS)}, got {size!r}")
     p = PARAMS[size]
     print(f"cache bench ({size})", flush=True)
+    calibration_before = loop_ns_per_iteration()
     in_process = bench_in_process(p)
     compression = bench_compression(p)
     zipf = bench_zipf(p)
@@ -657,6 +667,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     }
     results = {
         "size": size,
+        "calibration_empty_loop_ns": {"start": calibration_before, "end": loop_ns_per_iteration()},
         "in_process": in_process,
         "compression": compression,
         "zipf": zipf,
