@@ -465,6 +465,12 @@ async def _bench_actor_async(p: dict[str, Any]) -> dict[str, Any]:
         for key in keys[:50]:
             await client.get(key)
 
+        # an empty actor call: the floor that Ray and the machine set under every get
+        ping_samples = []
+        for _ in range(p["actor_gets"]):
+            t = time.perf_counter()
+            await handle.ping.remote()
+            ping_samples.append(time.perf_counter() - t)
         get_samples = []
         for _ in range(p["actor_gets"]):
             key = rng.choice(keys)
@@ -494,6 +500,7 @@ async def _bench_actor_async(p: dict[str, Any]) -> dict[str, Any]:
         sequential_100 = percentile([s * 1000 for s in one_by_one], 50)
         return {
             "value_bytes": len(value.encode()),
+            "empty_call": summarize_ms(ping_samples),
             "get": get,
             "set": summarize_ms(set_samples),
             "get_many_100": many,
