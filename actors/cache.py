@@ -15,6 +15,7 @@ import math
 import os
 import struct
 import unicodedata
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -91,9 +92,10 @@ class CacheStats(ServiceStats):
 
 
 # Snapshot file: magic, entry count, then per entry (oldest first) a fixed header and
-# the key, scope, user and stored bytes it announces.
+# the key, scope, user and stored bytes it announces; a CRC-32 of all but the magic last.
 _MAGIC = b"RAYCORD-CACHE-1\n"
 _COUNT = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
 _RECORD = struct.Struct("<BdQIIII")
 _COMPRESSED, _HAS_USER = 1, 2
 
@@ -169,18 +171,10 @@ class ResponseCache(Service):
             self.expirations += 1
             self.misses += 1
             return None
-        try:
-            raw = lz4.block.decompress(entry.data) if entry.compressed else entry.data
-            value = raw.decode("utf-8")
-        except (lz4.block.LZ4BlockError, UnicodeDecodeError):
-            # a damaged entry (e.g. from a damaged snapshot) is dropped, never served
-            log.warning("dropping unreadable cache entry %s", key)
-            self._remove(key)
-            self.misses += 1
-            return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return value
+        data = entry.data
+        return (lz4.block.decompress(data) if entry.compressed else data).decode("utf-8")
 
     def contains_now(self, key: str) -> bool:
         """Whether an unexpired value is under `key`; counts no hit or miss but keeps it warm."""
@@ -475,18 +469,24 @@ class ResponseCache(Service):
 def _write_snapshot(path: Path, items: list[tuple[str, _Entry]]) -> None:
     """Write `items` to `path` atomically: a temporary file, fsynced, then renamed."""
     tmp = path.with_suffix(".bin.tmp")
+    crc = 0
     with open(tmp, "wb", buffering=1 << 20) as out:
+
+        def put(chunk: bytes) -> None:
+            nonlocal crc
+            crc = zlib.crc32(chunk, crc)
+            out.write(chunk)
+
         out.write(_MAGIC)
-        out.write(_COUNT.pack(len(items)))
+        put(_COUNT.pack(len(items)))
         for key, e in items:
             k, s = key.encode("utf-8"), e.scope.encode("utf-8")
             u = e.user.encode("utf-8") if e.user is not None else b""
             flags = (_COMPRESSED if e.compressed else 0) | (_HAS_USER if e.user is not None else 0)
-            out.write(_RECORD.pack(flags, e.expires, e.raw_size, len(k), len(s), len(u), len(e.data)))
-            out.write(k)
-            out.write(s)
-            out.write(u)
-            out.write(e.data)
+            put(_RECORD.pack(flags, e.expires, e.raw_size, len(k), len(s), len(u), len(e.data)))
+            for chunk in (k, s, u, e.data):
+                put(chunk)
+        out.write(_CRC.pack(crc))
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
@@ -496,10 +496,14 @@ _Record = tuple[str, bytes, bool, int, float, str, str | None]
 
 
 def _read_snapshot(blob: bytes) -> list[_Record]:
-    """Parse a snapshot; ValueError or struct.error when it is not a whole one."""
-    if not blob.startswith(_MAGIC):
+    """Parse a snapshot; ValueError or struct.error when it is not a whole, intact one."""
+    if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _COUNT.size + _CRC.size:
         raise ValueError("not a raycord cache snapshot")
+    body_end = len(blob) - _CRC.size
     view = memoryview(blob)
+    (crc,) = _CRC.unpack_from(view, body_end)
+    if zlib.crc32(view[len(_MAGIC) : body_end]) != crc:
+        raise ValueError("snapshot checksum mismatch")
     pos = len(_MAGIC)
     (count,) = _COUNT.unpack_from(view, pos)
     pos += _COUNT.size
@@ -508,7 +512,7 @@ def _read_snapshot(blob: bytes) -> list[_Record]:
         flags, expires, raw_size, nk, ns, nu, nd = _RECORD.unpack_from(view, pos)
         pos += _RECORD.size
         end = pos + nk + ns + nu + nd
-        if end > len(blob):
+        if end > body_end:
             raise ValueError("snapshot is truncated")
         key = bytes(view[pos : pos + nk]).decode("utf-8")
         scope = bytes(view[pos + nk : pos + nk + ns]).decode("utf-8")
@@ -516,7 +520,7 @@ def _read_snapshot(blob: bytes) -> list[_Record]:
         data = bytes(view[end - nd : end])
         records.append((key, data, bool(flags & _COMPRESSED), raw_size, expires, scope, user))
         pos = end
-    if pos != len(blob):
+    if pos != body_end:
         raise ValueError("snapshot has trailing bytes")
     return records
 
