@@ -40,6 +40,9 @@ class CacheConfig(BaseModel):
     ttl_seconds: float | None = Field(default=24 * 3600, gt=0)
     #: values whose UTF-8 form is larger than this many bytes are stored lz4-compressed
     compress_threshold: int = Field(default=1024, ge=0)
+    #: lz4 block level: 0 is lz4's fast mode; 1-12 is its high-compression mode, which
+    #: saves a few more percent for slower sets and equally fast gets
+    compression_level: int = Field(default=0, ge=0, le=12)
     #: width of the time buckets expired entries are swept from (a lookup never serves
     #: an expired entry whatever this is; it only sets how soon the memory comes back)
     expiry_resolution_seconds: float = Field(default=1.0, gt=0)
@@ -203,7 +206,12 @@ class ResponseCache(Service):
         raw = value.encode("utf-8")
         data, compressed = raw, False
         if len(raw) > self.config.compress_threshold:
-            packed = lz4.block.compress(raw)
+            level = self.config.compression_level
+            packed = (
+                lz4.block.compress(raw, mode="high_compression", compression=level)
+                if level
+                else lz4.block.compress(raw)
+            )
             # incompressible text is kept as it is: smaller, and nothing to undo on a hit
             if len(packed) < len(raw):
                 data, compressed = packed, True

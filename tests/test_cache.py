@@ -149,6 +149,17 @@ def test_large_values_are_stored_as_lz4_block_bytes_and_small_ones_as_they_are()
     assert cache.get_now("large") == large
 
 
+def test_high_compression_level_stores_less_and_reads_back_the_same() -> None:
+    reply = "## Caching\n\n" + " ".join(
+        f"Shard {i % 7} keeps key {i} warm for user {i % 13}." for i in range(200)
+    )
+    fast, high = ResponseCache(), ResponseCache(CacheConfig(compression_level=9))
+    for cache in (fast, high):
+        cache.set_now("k", reply)
+        assert cache.get_now("k") == reply
+    assert high._stored_bytes <= fast._stored_bytes < len(reply)
+
+
 def test_a_reply_is_never_served_outside_its_scope() -> None:
     cache = ResponseCache()
     key_a = cache_key("m", "1", "user:A", "what is ray?", "")
