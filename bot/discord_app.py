@@ -268,7 +268,7 @@ class RaycordCommands(commands.Cog):
 
     @staticmethod
     def _scope(interaction: discord.Interaction) -> str:
-        if interaction.guild is None:
+        if interaction.guild_id is None:
             return f"dm:{interaction.user.id}"
         if isinstance(interaction.channel, discord.Thread):
             return f"thread:{interaction.channel_id}"

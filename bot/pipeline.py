@@ -170,7 +170,7 @@ class ChatPipeline:
                 msg.text,
                 built.digest,
             )
-            cached = await self.cache.get(key)
+            cached = await self.cache.get(key, cache_scope_id(msg))
             if cached is not None:
                 if on_chunk is not None:
                     await on_chunk(cached)

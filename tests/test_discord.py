@@ -246,7 +246,7 @@ class RecordingAdapter(AsyncWebhookAdapter):
         return out
 
 
-async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: str) -> RecordingAdapter:
+async def invoke(bot: RaycordBot, command: str, member: discord.Member, **options: str) -> RecordingAdapter:
     adapter = RecordingAdapter()
     token = async_context.set(adapter)
     channel = dpytest.get_config().channels[0]
@@ -262,7 +262,7 @@ async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: 
             "user": {"id": str(member.id), "username": member.name, "discriminator": "0000", "avatar": None},
             "roles": [],
             "joined_at": "2024-01-01T00:00:00+00:00",
-            "deaf": False,
+            "deaf": False, "flags": 0,
             "mute": False,
             "permissions": "0",
         },
@@ -273,7 +273,7 @@ async def invoke(bot: RaycordBot, name: str, member: discord.Member, **options: 
         "entitlements": [],
         "data": {
             "id": str(next(_ids)),
-            "name": name,
+            "name": command,
             "type": 1,
             "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
         },
