@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-
 import pytest
 
-from actors.analytics import AnalyticsSink, event_row
 from actors.cache import CacheConfig, ResponseCache, cache_key
 from actors.context import ContextConfig, ContextStore
 from actors.ratelimit import RateLimitConfig, RateLimiter, WindowLimits
-from actors.schemas import AnalyticsEvent, Turn
+from actors.schemas import Turn
 from actors.sharding import group_by_shard, shard_index, stable_hash
 from tests.conftest import FakeClock
 
@@ -66,17 +62,6 @@ async def test_rate_limiter_denies_over_the_limit_and_says_when(clock: FakeClock
     assert (await limiter.check("u", "command")).allowed
     clock.advance(50)
     assert (await limiter.check("u")).allowed
-
-
-@pytest.mark.asyncio
-async def test_analytics_sink_commits_a_batch_once_even_when_resent(tmp_path: Path) -> None:
-    sink = AnalyticsSink(state_dir=tmp_path)
-    rows = [event_row(AnalyticsEvent(type="message", user_id=f"u{i}")) for i in range(10)]
-    await asyncio.gather(sink.append_batch(rows), sink.flush())
-    await asyncio.gather(sink.append_batch(rows), sink.flush())
-    _, result = await sink.query("SELECT count(*), count(DISTINCT user_id) FROM events")
-    assert result == [(10, 10)]
-    await sink.close()
 
 
 def test_sharding_is_stable_and_spreads_keys() -> None:
