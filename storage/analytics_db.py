@@ -113,8 +113,8 @@ GROUP BY user_id ORDER BY messages DESC NULLS LAST, tokens DESC LIMIT 20
 """,
 }
 
-#: statement types an operator's query may have
-READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+#: statement types an operator's query may have (not EXPLAIN: EXPLAIN ANALYZE runs a write)
+READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
 EXPORT_TABLES = ("events", "aggregates")
 
 
@@ -150,7 +150,7 @@ class QueryResult:
 
 
 def check_read_only(sql: str) -> None:
-    """Accept exactly one SELECT (or EXPLAIN) statement, judged by DuckDB's own parser.
+    """Accept exactly one SELECT statement, judged by DuckDB's own parser.
 
     Raises:
         QueryRejected: empty, unparsable, several statements, or not a read.
@@ -237,7 +237,8 @@ class AnalyticsDB:
             QueryRejected: not a single read statement, or it failed or timed out.
         """
         check_read_only(sql)
-        cur = self.conn.cursor()
+        with self._write_lock:
+            cur = self.conn.cursor()
         timer = threading.Timer(timeout, cur.interrupt)
         timer.start()
         try:
@@ -257,7 +258,8 @@ class AnalyticsDB:
         """Write each table to `<out_dir>/<table>.parquet`, streaming; returns rows per table."""
         out_dir.mkdir(parents=True, exist_ok=True)
         written: dict[str, int] = {}
-        cur = self.conn.cursor()
+        with self._write_lock:
+            cur = self.conn.cursor()
         try:
             for table in EXPORT_TABLES:
                 reader = cur.sql(f"SELECT * FROM {table}").to_arrow_reader(65_536)

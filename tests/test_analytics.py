@@ -39,6 +39,7 @@ REFUSED = {
     "ATTACH": "ATTACH '/tmp/other.duckdb' AS other",
     "COPY": "COPY events TO '/tmp/events.csv'",
     "PRAGMA": "PRAGMA database_list",
+    "EXPLAIN ANALYZE": "EXPLAIN ANALYZE DELETE FROM events",
     "multi-statement": "SELECT 1; DROP TABLE events",
 }
 
