@@ -43,6 +43,9 @@ EventRow = tuple[Any, ...]
 #: (name, server_id, minute as epoch seconds, count)
 AggregateRow = tuple[str, str, int, int]
 
+# one compact encoder for the hot path, not a new one per `json.dumps(separators=...)` call
+_encode_payload = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class AnalyticsConfig(BaseModel):
     #: the sink commits when its oldest pending event is this old...
@@ -92,7 +95,8 @@ class AnalyticsBusy(RaycordError):
 def event_row(event: AnalyticsEvent, weight: float | None = None) -> EventRow:
     """The plain tuple the client ships to the sink, in `EVENTS_SCHEMA` order."""
     return (
-        str(event.event_id),
+        # the 32-digit hex form: cheaper than str(), and DuckDB reads it as the same UUID
+        event.event_id.hex,
         int(event.time.timestamp() * 1_000_000),
         event.type,
         event.server_id,
@@ -104,7 +108,7 @@ def event_row(event: AnalyticsEvent, weight: float | None = None) -> EventRow:
         event.cache_hit,
         event.error,
         event.weight if weight is None else weight,
-        json.dumps(event.payload, separators=(",", ":")) if event.payload else None,
+        _encode_payload(event.payload) if event.payload else None,
     )
 
 
