@@ -294,15 +294,17 @@ class AnalyticsSink(Service):
                 self.last_flush_size = len(rows)
                 self.last_commit_ms = commit_ms
                 self.max_commit_ms = max(self.max_commit_ms, commit_ms)
-                self._m_flush.observe(len(rows))
-                self._m_commit.observe(commit_ms)
-                self._m_committed.inc(added)
             for w in waiters:
                 if not w.done():
                     if error is None:
                         w.set_result(None)
                     else:
                         w.set_exception(error)
+            if error is None:
+                self._m_flush.observe(len(rows))
+                self._m_commit.observe(commit_ms)
+                if added:  # a Ray counter refuses 0 (all duplicates, or aggregates only)
+                    self._m_committed.inc(added)
         async with self._drained:
             self._drained.notify_all()
         self._m_depth.set(len(self._pending))
