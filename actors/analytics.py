@@ -1,8 +1,9 @@
-"""AnalyticsSink: group-commits event batches into DuckDB; the front-end's buffering client.
+"""AnalyticsSink: group-commits event batches into DuckDB; AnalyticsClient: the front-end side.
 
-The client buffers validated events and sends them in batches without blocking the
-reply path; it keeps a batch until the sink acknowledges it (after commit) and resends
-it otherwise. Event ids are primary keys, so a resend never counts twice.
+The client buffers validated events (sampled per type, weighted 1/rate) and counters,
+sends batches without blocking the reply path, keeps each batch until the sink
+acknowledges its commit, and spills what the sink cannot take to a local file that it
+replays later. Event ids and aggregate batch ids make every resend count once.
 """
 
 from __future__ import annotations
@@ -11,33 +12,92 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from actors import metrics
 from actors.base import Clock, Service, ShardedClient
+from actors.errors import RaycordError
 from actors.schemas import AnalyticsEvent, ServiceStats
-from storage.analytics_db import EVENTS_SCHEMA, AnalyticsDB
+from storage.analytics_db import (
+    AGGREGATES_SCHEMA,
+    EVENTS_SCHEMA,
+    AnalyticsDB,
+    AnalyticsStorageError,
+    QueryResult,
+)
 
 log = logging.getLogger(__name__)
 
+#: one event in `EVENTS_SCHEMA` order; time in epoch microseconds (cheap to build and to spill)
 EventRow = tuple[Any, ...]
+#: (name, server_id, minute as epoch seconds, count)
+AggregateRow = tuple[str, str, int, int]
+
+# one compact encoder for the hot path, not a new one per `json.dumps(separators=...)` call
+_encode_payload = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class AnalyticsConfig(BaseModel):
+    #: the sink commits when its oldest pending event is this old...
     flush_seconds: float = Field(default=1.0, gt=0)
+    #: ...or when this many events are pending
     flush_events: int = Field(default=5_000, ge=1)
+    #: above this many pending events `append_batch` waits (backpressure)...
+    max_pending_events: int = Field(default=100_000, ge=1)
+    #: ...for at most this long, then raises `AnalyticsBusy`
+    append_wait_seconds: float = Field(default=5.0, ge=0)
     client_batch_seconds: float = Field(default=0.1, gt=0)
     client_batch_events: int = Field(default=500, ge=1)
+    #: batches the client may have unacknowledged at once
+    client_max_inflight: int = Field(default=32, ge=1)
+    #: events the client holds in memory before spilling the excess to disk
+    client_max_buffer_events: int = Field(default=50_000, ge=1)
+    #: seconds after a failed delivery before spilled files are replayed
+    client_replay_seconds: float = Field(default=1.0, gt=0)
+    #: where unacknowledged batches go; default `<state_dir>/analytics-spill`
+    spill_dir: Path | None = None
+    #: event type -> fraction kept, in (0, 1]; a kept event stores weight 1/rate
+    sample_rates: dict[str, float] = Field(default_factory=dict)
+    query_max_rows: int = Field(default=1_000, ge=1)
+    query_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("sample_rates")
+    @classmethod
+    def _rates_in_range(cls, rates: dict[str, float]) -> dict[str, float]:
+        for kind, rate in rates.items():
+            if not 0 < rate <= 1:
+                raise ValueError(f"sample rate for {kind!r} must be in (0, 1], got {rate}")
+        return rates
 
 
-def event_row(event: AnalyticsEvent) -> EventRow:
+class AnalyticsBusy(RaycordError):
+    """The sink has more pending events than it may hold; the batch was not taken."""
+
+    def __init__(self, pending: int, waited: float) -> None:
+        super().__init__(f"analytics sink busy: {pending} events pending after waiting {waited:g}s")
+        self.pending = pending
+        self.waited = waited
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.pending, self.waited))
+
+
+def event_row(event: AnalyticsEvent, weight: float | None = None) -> EventRow:
     """The plain tuple the client ships to the sink, in `EVENTS_SCHEMA` order."""
     return (
-        str(event.event_id),
-        event.time,
+        # the 32-digit hex form: cheaper than str(), and DuckDB reads it as the same UUID
+        event.event_id.hex,
+        int(event.time.timestamp() * 1_000_000),
         event.type,
         event.server_id,
         event.channel_id,
@@ -47,12 +107,12 @@ def event_row(event: AnalyticsEvent) -> EventRow:
         event.tokens_out,
         event.cache_hit,
         event.error,
-        event.weight,
-        json.dumps(event.payload, separators=(",", ":")),
+        event.weight if weight is None else weight,
+        _encode_payload(event.payload) if event.payload else None,
     )
 
 
-def rows_to_table(rows: list[EventRow]) -> pa.Table:
+def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(col, type=f.type) for col, f in zip(columns, EVENTS_SCHEMA, strict=True)],
@@ -60,12 +120,31 @@ def rows_to_table(rows: list[EventRow]) -> pa.Table:
     )
 
 
+def aggregates_to_table(batches: Sequence[tuple[str, Sequence[AggregateRow]]]) -> pa.Table:
+    flat = [(batch_id, *row) for batch_id, rows in batches for row in rows]
+    columns = list(zip(*flat, strict=True)) if flat else [[] for _ in AGGREGATES_SCHEMA]
+    return pa.Table.from_arrays(
+        [pa.array(col, type=f.type) for col, f in zip(columns, AGGREGATES_SCHEMA, strict=True)],
+        schema=AGGREGATES_SCHEMA,
+    )
+
+
 class AnalyticsStats(ServiceStats):
     received: int
     committed: int
+    #: events received again after a resend and skipped by their id
+    duplicates: int
     pending: int
     flushes: int
     transactions: int
+    last_flush_size: int
+    mean_flush_size: float
+    last_commit_ms: float
+    max_commit_ms: float
+    events_per_second: float
+    busy_rejections: int
+    storage_errors: int
+    last_error: str | None
 
 
 class AnalyticsSink(Service):
@@ -80,58 +159,196 @@ class AnalyticsSink(Service):
         self.config = config or AnalyticsConfig()
         self.shard = shard
         self.maintenance_interval = min(self.config.flush_seconds, 1.0)
-        self.db = AnalyticsDB(Path(state_dir or ".raycord") / "analytics.duckdb")
+        self.db_path = Path(state_dir or ".raycord") / "analytics.duckdb"
+        self.db: AnalyticsDB | None = None
         self._pending: list[EventRow] = []
+        self._pending_aggs: list[tuple[str, Sequence[AggregateRow]]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._oldest: float | None = None
         self._flush_lock = asyncio.Lock()
+        self._drained = asyncio.Condition()
+        self._flusher: asyncio.Task[None] | None = None
         self.received = self.committed = self.flushes = 0
+        self.busy_rejections = self.storage_errors = 0
+        self.last_flush_size = 0
+        self.last_commit_ms = self.max_commit_ms = 0.0
+        self.last_error: str | None = None
+        self._rate_mark = (self.clock(), 0)
+        self.events_per_second = 0.0
+        self._m_depth = metrics.gauge("analytics_queue_depth", "events waiting for a commit")
+        self._m_flush = metrics.histogram(
+            "analytics_flush_events", "events per commit", (1, 10, 100, 500, 1000, 5000, 10000, 50000)
+        )
+        self._m_commit = metrics.histogram(
+            "analytics_commit_ms", "DuckDB commit latency", metrics.LATENCY_MS_BOUNDARIES
+        )
+        self._m_committed = metrics.counter("analytics_events_committed", "events stored in DuckDB")
+        self._m_rate = metrics.gauge("analytics_events_per_second", "events committed per second")
+        # open eagerly so a bad state dir shows in the logs at start; appends retry the open
+        with contextlib.suppress(AnalyticsStorageError):
+            self._open()
 
-    async def append_batch(self, rows: list[EventRow]) -> int:
-        """Queue rows for the next group commit; returns once they are committed."""
+    def _open(self) -> AnalyticsDB:
+        if self.db is None:
+            try:
+                self.db = AnalyticsDB(self.db_path)
+            except AnalyticsStorageError as exc:
+                self.storage_errors += 1
+                self.last_error = str(exc)
+                log.error("%s", exc)
+                raise
+        return self.db
+
+    async def append_batch(
+        self,
+        rows: list[EventRow],
+        aggregates: Sequence[AggregateRow] = (),
+        batch_id: str = "",
+    ) -> int:
+        """Queue a batch for the next group commit; returns once it is committed.
+
+        Raises:
+            AnalyticsStorageError: the database cannot be opened or the commit failed.
+            AnalyticsBusy: the sink stayed over `max_pending_events` for `append_wait_seconds`.
+        """
         self._ensure_maintenance()
-        if not rows:
+        if not rows and not aggregates:
             return 0
+        if aggregates and not batch_id:
+            raise ValueError("aggregates need a batch_id so a resend is applied once")
+        self._open()
+        await self._wait_for_room()
         self.received += len(rows)
         self._pending.extend(rows)
+        if aggregates:
+            self._pending_aggs.append((batch_id, aggregates))
         if self._oldest is None:
             self._oldest = self.clock()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
-        if len(self._pending) >= self.config.flush_events:
-            await self.flush()
+        self._m_depth.set(len(self._pending))
+        if len(self._pending) >= self.config.flush_events and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_by_size())
         await done
         return len(rows)
 
-    async def maintain(self) -> None:
-        if self._oldest is not None and self.clock() - self._oldest >= self.config.flush_seconds:
-            await self.flush()
-
-    async def flush(self) -> None:
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            rows, waiters = self._pending, self._waiters
-            self._pending, self._waiters, self._oldest = [], [], None
+    async def _wait_for_room(self) -> None:
+        if len(self._pending) < self.config.max_pending_events:
+            return
+        started = time.monotonic()
+        async with self._drained:
             try:
-                self.committed += self.db.insert_events(rows_to_table(rows))
+                await asyncio.wait_for(
+                    self._drained.wait_for(lambda: len(self._pending) < self.config.max_pending_events),
+                    self.config.append_wait_seconds,
+                )
+            except TimeoutError:
+                self.busy_rejections += 1
+                raise AnalyticsBusy(len(self._pending), time.monotonic() - started) from None
+
+    async def _flush_by_size(self) -> None:
+        while len(self._pending) >= self.config.flush_events:
+            if not await self._commit_pending():
+                return
+
+    async def maintain(self) -> None:
+        now = self.clock()
+        if self._oldest is not None and now - self._oldest >= self.config.flush_seconds:
+            await self._commit_pending()
+        mark_t, mark_n = self._rate_mark
+        if now > mark_t:
+            self.events_per_second = (self.committed - mark_n) / (now - mark_t)
+            self._rate_mark = (now, self.committed)
+        self._m_rate.set(self.events_per_second)
+        self._m_depth.set(len(self._pending))
+
+    async def _commit_pending(self) -> bool:
+        """Commit everything pending in one transaction; wake its appenders. True on success."""
+        async with self._flush_lock:
+            if not self._pending and not self._pending_aggs:
+                return True
+            rows, aggs, waiters = self._pending, self._pending_aggs, self._waiters
+            self._pending, self._pending_aggs, self._waiters, self._oldest = [], [], [], None
+            error: Exception | None = None
+            started = time.perf_counter()
+            try:
+                db = self._open()
+                events, agg_table = rows_to_table(rows), aggregates_to_table(aggs) if aggs else None
+                added = await asyncio.to_thread(db.insert_batch, events, agg_table)
+            except AnalyticsStorageError as exc:
+                error = exc
+                self.storage_errors += 1
+                self.last_error = str(exc)
+                # reopen on the next append: the file may be usable again by then
+                if self.db is not None:
+                    with contextlib.suppress(Exception):
+                        self.db.close()
+                    self.db = None
+            except Exception as exc:  # a malformed row: the batch is refused, not lost
+                error = exc
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            if error is None:
+                commit_ms = (time.perf_counter() - started) * 1000
+                self.committed += added
                 self.flushes += 1
-            except Exception as exc:
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(exc)
-                raise
+                self.last_flush_size = len(rows)
+                self.last_commit_ms = commit_ms
+                self.max_commit_ms = max(self.max_commit_ms, commit_ms)
             for w in waiters:
                 if not w.done():
-                    w.set_result(None)
+                    if error is None:
+                        w.set_result(None)
+                    else:
+                        w.set_exception(error)
+            if error is None:
+                self._m_flush.observe(len(rows))
+                self._m_commit.observe(commit_ms)
+                if added:  # a Ray counter refuses 0 (all duplicates, or aggregates only)
+                    self._m_committed.inc(added)
+        async with self._drained:
+            self._drained.notify_all()
+        self._m_depth.set(len(self._pending))
+        return error is None
 
-    async def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+    async def flush(self) -> None:
+        """Commit everything pending now.
+
+        Raises:
+            AnalyticsStorageError: the commit failed (the appenders were told; they resend).
+        """
+        while self._pending or self._pending_aggs:
+            if not await self._commit_pending():
+                raise AnalyticsStorageError(self.db_path, self.last_error or "commit failed")
+
+    async def query(self, sql: str, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
+        """Run one read-only statement after committing what is pending.
+
+        Raises:
+            QueryRejected: not a single SELECT, or it failed or ran too long.
+            AnalyticsStorageError: the database cannot be opened.
+        """
         await self.flush()
-        return self.db.query(sql)
+        db = self._open()
+        return await asyncio.to_thread(
+            db.query,
+            sql,
+            max_rows or self.config.query_max_rows,
+            timeout or self.config.query_timeout_seconds,
+        )
+
+    async def export_parquet(self, out_dir: str) -> dict[str, int]:
+        """Write every table as Parquet under `out_dir` (on the sink's node); rows per table."""
+        await self.flush()
+        db = self._open()
+        return await asyncio.to_thread(db.export_parquet, Path(out_dir))
 
     async def close(self) -> None:
-        await super().close()
-        self.db.close()
+        try:
+            await super().close()
+        finally:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
 
     async def stats(self) -> AnalyticsStats:
         return AnalyticsStats(
@@ -139,73 +356,251 @@ class AnalyticsSink(Service):
             shard=self.shard,
             received=self.received,
             committed=self.committed,
+            duplicates=self.received - self.committed,
             pending=len(self._pending),
             flushes=self.flushes,
-            transactions=self.db.transactions,
+            transactions=self.db.transactions if self.db is not None else 0,
+            last_flush_size=self.last_flush_size,
+            mean_flush_size=self.committed / self.flushes if self.flushes else 0.0,
+            last_commit_ms=self.last_commit_ms,
+            max_commit_ms=self.max_commit_ms,
+            events_per_second=self.events_per_second,
+            busy_rejections=self.busy_rejections,
+            storage_errors=self.storage_errors,
+            last_error=self.last_error,
         )
 
 
-class AnalyticsClient(ShardedClient):
-    """Front-end side: `record()` costs a list append; a sender task ships batches."""
+@dataclass(slots=True)
+class _Batch:
+    batch_id: str
+    rows: list[EventRow]
+    aggregates: list[AggregateRow]
 
-    def __init__(self, handles: list[object], config: AnalyticsConfig | None = None) -> None:
+    def to_json(self) -> str:
+        return json.dumps({"id": self.batch_id, "rows": self.rows, "aggs": self.aggregates})
+
+    @classmethod
+    def from_json(cls, line: str) -> _Batch:
+        doc = json.loads(line)
+        return cls(doc["id"], [tuple(r) for r in doc["rows"]], [tuple(a) for a in doc["aggs"]])
+
+
+class ClientStats(BaseModel):
+    recorded: int
+    sampled_out: int
+    #: events handed to the sink (first sends, not resends)
+    sent: int
+    #: events the sink acknowledged as committed (first sends and replays)
+    committed: int
+    spilled: int
+    replayed: int
+    buffered: int
+    inflight_batches: int
+    spill_files: int
+    failed_deliveries: int
+
+
+class AnalyticsClient(ShardedClient):
+    """Front-end side: `record()` costs a tuple and a list append; a sender task ships batches."""
+
+    def __init__(
+        self,
+        handles: list[object],
+        config: AnalyticsConfig | None = None,
+        state_dir: Path | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         super().__init__(handles)
         self.config = config or AnalyticsConfig()
+        self.clock: Clock = clock or time.time
+        self._rng = rng or random.Random()
+        self._rates = self.config.sample_rates
+        self.spill_dir = self.config.spill_dir or Path(state_dir or ".raycord") / "analytics-spill"
         self._buffer: list[EventRow] = []
+        self._counts: dict[tuple[str, str, int], int] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self._inflight: list[EventRow] = []
-        self._send_lock = asyncio.Lock()
-        self.sent = 0
+        self._replayer: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[bool]] = set()
+        self._retry: list[_Batch] = []
+        self._spill_file: IO[str] | None = None
+        self._spill_path: Path | None = None
+        self._last_failure = float("-inf")
+        self.recorded = self.sampled_out = self.sent = self.committed = 0
+        self.spilled = self.replayed = self.failed_deliveries = 0
 
     def record(self, event: AnalyticsEvent) -> None:
-        self._buffer.append(event_row(event))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        """Buffer one validated event (or drop it by its type's sample rate). Never blocks."""
+        rate = self._rates.get(event.type)
+        if rate is None:
+            row = event_row(event)
+        elif self._rng.random() < rate:
+            row = event_row(event, event.weight / rate)
+        else:
+            self.sampled_out += 1
+            return
+        self._buffer.append(row)
+        self.recorded += 1
+        self._start_sender()
         if len(self._buffer) >= self.config.client_batch_events:
             self._wake.set()
+
+    def count(self, name: str, server_id: str | None = None, n: int = 1) -> None:
+        """Add `n` to a per-minute counter, stored as one aggregated row, not a row per event."""
+        key = (name, server_id or "", int(self.clock() // 60 * 60))
+        self._counts[key] = self._counts.get(key, 0) + n
+        self._start_sender()
+
+    def _start_sender(self) -> None:
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     async def _send_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.client_batch_seconds)
             self._wake.clear()
-            await self._send_pending()
+            self._ship()
+            if self.clock() - self._last_failure >= self.config.client_replay_seconds:
+                self._start_replay()
 
-    async def _send_pending(self) -> None:
-        """Send the buffer; a batch stays owned by the client until the sink acknowledges it."""
-        async with self._send_lock:
-            await self._send_locked()
+    def _next_batch(self) -> _Batch:
+        rows = self._buffer[: self.config.client_batch_events]
+        del self._buffer[: len(rows)]
+        aggs = [(name, server, minute, n) for (name, server, minute), n in self._counts.items()]
+        self._counts.clear()
+        return _Batch(uuid.uuid4().hex, rows, aggs)
 
-    async def _send_locked(self) -> None:
-        while self._buffer or self._inflight:
-            if not self._inflight:
-                self._inflight = self._buffer[: self.config.client_batch_events]
-                del self._buffer[: len(self._inflight)]
+    def _ship(self) -> None:
+        """Turn the buffer into batches: deliver while there is room in flight, spill the excess."""
+        while self._retry and len(self._inflight) < self.config.client_max_inflight:
+            self._deliver_soon(self._retry.pop(0))
+        while self._buffer or self._counts:
+            if len(self._inflight) < self.config.client_max_inflight:
+                batch = self._next_batch()
+                self.sent += len(batch.rows)
+                self._deliver_soon(batch)
+            elif len(self._buffer) > self.config.client_max_buffer_events:
+                self._spill(self._next_batch())
+            else:
+                return
+
+    def _deliver_soon(self, batch: _Batch) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(batch, spill_on_failure=True))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _deliver(self, batch: _Batch, spill_on_failure: bool) -> bool:
+        try:
+            await self._call(self.handles[0], "append_batch", batch.rows, batch.aggregates, batch.batch_id)
+        except Exception as exc:
+            self.failed_deliveries += 1
+            self._last_failure = self.clock()
+            log.warning("analytics batch of %d not acknowledged: %s", len(batch.rows), exc)
+            if spill_on_failure:
+                self._spill(batch)
+            return False
+        self.committed += len(batch.rows)
+        return True
+
+    def _spill(self, batch: _Batch) -> None:
+        """Append a batch to the current spill file, durably; keep it in memory if that fails."""
+        try:
+            if self._spill_file is None:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                self._spill_path = self.spill_dir / f"spill-{time.time_ns()}-{uuid.uuid4().hex[:8]}.jsonl"
+                self._spill_file = self._spill_path.open("a", encoding="utf-8")
+            self._spill_file.write(batch.to_json() + "\n")
+            self._spill_file.flush()
+            os.fsync(self._spill_file.fileno())
+        except OSError as exc:
+            log.error("cannot spill analytics to %s (%s); keeping the batch in memory", self.spill_dir, exc)
+            self._retry.append(batch)
+            return
+        self.spilled += len(batch.rows)
+
+    def _spill_files(self) -> list[Path]:
+        if not self.spill_dir.is_dir():
+            return []
+        return sorted(p for p in self.spill_dir.glob("spill-*.jsonl") if p != self._spill_path)
+
+    def _start_replay(self) -> None:
+        if self._replayer is not None and not self._replayer.done():
+            return
+        if self._spill_file is None and not self._spill_files():
+            return
+        self._replayer = asyncio.get_running_loop().create_task(self.replay())
+
+    async def replay(self) -> bool:
+        """Resend every spilled batch; delete a file only once all of it is acknowledged.
+
+        Returns True when no spilled events remain.
+        """
+        # new spills go to a new file, so the one being replayed is complete
+        if self._spill_file is not None:
+            self._spill_file.close()
+            self._spill_file = self._spill_path = None
+        for path in self._spill_files():
             try:
-                await self._call(self.handles[0], "append_batch", self._inflight)
-            except Exception as exc:
-                log.warning(
-                    "analytics batch of %d not acknowledged, will resend: %s", len(self._inflight), exc
-                )
-                await asyncio.sleep(0.5)
-                continue
-            self.sent += len(self._inflight)
-            self._inflight = []
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                log.error("cannot read spilled analytics %s: %s", path, exc)
+                return False
+            batches = [_Batch.from_json(line) for line in lines if line.strip()]
+            acked = await asyncio.gather(*(self._deliver(b, spill_on_failure=False) for b in batches))
+            if not all(acked):
+                return False
+            self.replayed += sum(len(b.rows) for b in batches)
+            path.unlink()
+        return True
 
     async def flush(self) -> None:
-        """Send everything buffered and wait for the sink's acknowledgement."""
-        await self._send_pending()
+        """Ship everything buffered, wait for the acknowledgements, then try a replay.
+
+        What the sink cannot take now stays spilled on disk for a later replay.
+        """
+        while self._buffer or self._counts or self._retry or self._inflight:
+            self._ship()
+            if self._inflight:
+                await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+        if self._replayer is not None and not self._replayer.done():
+            await self._replayer
+        self._start_replay()
+        if self._replayer is not None and not self._replayer.done():
+            await self._replayer
 
     async def close(self) -> None:
         await self.flush()
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+        for task in (self._sender, self._replayer):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._spill_file is not None:
+            self._spill_file.close()
+            self._spill_file = self._spill_path = None
 
-    async def query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        return await self._call(self.handles[0], "query", sql)  # type: ignore[return-value]
+    def stats_local(self) -> ClientStats:
+        return ClientStats(
+            recorded=self.recorded,
+            sampled_out=self.sampled_out,
+            sent=self.sent,
+            committed=self.committed,
+            spilled=self.spilled,
+            replayed=self.replayed,
+            buffered=len(self._buffer),
+            inflight_batches=len(self._inflight),
+            spill_files=len(self._spill_files()) + (self._spill_file is not None),
+            failed_deliveries=self.failed_deliveries,
+        )
+
+    async def query(self, sql: str, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
+        return await self._call(self.handles[0], "query", sql, max_rows, timeout)  # type: ignore[return-value]
+
+    async def export_parquet(self, out_dir: str) -> dict[str, int]:
+        return await self._call(self.handles[0], "export_parquet", out_dir)  # type: ignore[return-value]
 
     async def stats(self) -> list[AnalyticsStats]:
         return await self._call_all("stats")  # type: ignore[return-value]

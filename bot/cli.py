@@ -1,4 +1,4 @@
-"""The `raycord` command: run, chat, config, fake-gemini, loadtest."""
+"""The `raycord` command: run, chat, config, analytics, fake-gemini, loadtest."""
 
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     _common(config)
+    from bot.analytics_cli import add_analytics_parser
     from bot.llm.fake_server import add_arguments
+
+    add_analytics_parser(sub, _common)
 
     fake = sub.add_parser("fake-gemini", help="serve a fake Gemini API, to try or load-test without a key")
     add_arguments(fake)
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(settings.masked_json())
         return 0
+    if args.command == "analytics":
+        from bot.analytics_cli import run_analytics
+
+        return run_analytics(args, settings)
     front_end = "terminal"
     if args.command == "run" and settings.discord_token is not None:
         front_end = "discord"

@@ -134,7 +134,9 @@ class Runtime:
             handles = service_handles(self.settings, spec)
             self.handles[spec.name] = handles
             if spec.client is AnalyticsClient:
-                self.clients[spec.name] = AnalyticsClient(handles, self.settings.analytics)
+                self.clients[spec.name] = AnalyticsClient(
+                    handles, self.settings.analytics, state_dir=self.settings.state_dir.resolve()
+                )
             else:
                 self.clients[spec.name] = spec.client(handles)
         # every replica answers before the front-end takes traffic

@@ -1,16 +1,19 @@
-"""The DuckDB analytics database: schema, batched Arrow inserts and read-only queries.
+"""The DuckDB analytics database: schema, batched Arrow inserts, read-only queries, export.
 
 Only one process may write a DuckDB file, so the analytics sink actor owns the
-connection and everyone else queries through it.
+connection and everyone else queries through it. Every write is one transaction.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -30,7 +33,17 @@ EVENTS_SCHEMA = pa.schema(
     ]
 )
 
-_CREATE_EVENTS = """
+AGGREGATES_SCHEMA = pa.schema(
+    [
+        ("batch_id", pa.string()),
+        ("name", pa.string()),
+        ("server_id", pa.string()),
+        ("minute", pa.timestamp("s", tz="UTC")),
+        ("count", pa.int64()),
+    ]
+)
+
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     event_id UUID PRIMARY KEY,
     time TIMESTAMPTZ NOT NULL,
@@ -45,51 +58,223 @@ CREATE TABLE IF NOT EXISTS events (
     error VARCHAR,
     weight DOUBLE NOT NULL DEFAULT 1.0,
     payload JSON
-)
+);
+CREATE TABLE IF NOT EXISTS aggregates (
+    name VARCHAR NOT NULL,
+    server_id VARCHAR NOT NULL,
+    minute TIMESTAMPTZ NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (name, server_id, minute)
+);
+CREATE TABLE IF NOT EXISTS applied_batches (
+    batch_id VARCHAR PRIMARY KEY,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
 """
+
+_INSERT_EVENTS = "INSERT OR IGNORE INTO events SELECT * EXCLUDE (payload), payload::JSON FROM incoming_events"
+# A resent aggregate batch must not count twice: counts are added only for batch ids
+# not applied before, and the batch ids are recorded in the same transaction.
+_UPSERT_AGGREGATES = """
+INSERT INTO aggregates
+SELECT name, server_id, minute, sum(count) FROM incoming_aggregates
+WHERE batch_id NOT IN (SELECT batch_id FROM applied_batches)
+GROUP BY ALL
+ON CONFLICT DO UPDATE SET count = aggregates.count + excluded.count
+"""
+_RECORD_BATCHES = (
+    "INSERT OR IGNORE INTO applied_batches (batch_id) SELECT DISTINCT batch_id FROM incoming_aggregates"
+)
+
+_REPLY_TYPES = "type IN ('message', 'command')"
+#: built-in operator reports; each is one SELECT, so it goes through `check_read_only` too
+REPORTS: dict[str, str] = {
+    "daily": f"""
+SELECT time::DATE AS day,
+       sum(weight) FILTER (WHERE {_REPLY_TYPES}) AS messages,
+       count(DISTINCT user_id) AS users,
+       round(sum(weight * cache_hit::INT) FILTER (WHERE {_REPLY_TYPES})
+             / sum(weight) FILTER (WHERE {_REPLY_TYPES}), 3) AS cache_hit_rate,
+       round(quantile_cont(latency_ms, 0.5) FILTER (WHERE {_REPLY_TYPES}), 1) AS p50_ms,
+       round(quantile_cont(latency_ms, 0.95) FILTER (WHERE {_REPLY_TYPES}), 1) AS p95_ms,
+       coalesce(sum(weight) FILTER (WHERE type = 'error'), 0) AS errors,
+       sum(weight * tokens_in)::BIGINT AS tokens_in,
+       sum(weight * tokens_out)::BIGINT AS tokens_out
+FROM events GROUP BY day ORDER BY day DESC
+""",
+    "top-users": f"""
+SELECT user_id,
+       sum(weight) FILTER (WHERE {_REPLY_TYPES}) AS messages,
+       sum(weight * (tokens_in + tokens_out))::BIGINT AS tokens,
+       coalesce(sum(weight) FILTER (WHERE type = 'rate_limited'), 0) AS rate_limited,
+       max(time) AS last_seen
+FROM events WHERE user_id IS NOT NULL
+GROUP BY user_id ORDER BY messages DESC NULLS LAST, tokens DESC LIMIT 20
+""",
+}
+
+#: statement types an operator's query may have (not EXPLAIN: EXPLAIN ANALYZE runs a write)
+READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
+EXPORT_TABLES = ("events", "aggregates")
+
+
+class AnalyticsStorageError(RuntimeError):
+    """The database file cannot be opened or written; `path` says which file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"analytics database {path} is not usable: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (Path(self.path), self.reason))
+
+
+class QueryRejected(ValueError):
+    """An operator's SQL is not a single read statement, or failed; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason,))
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    #: more rows matched than `max_rows`
+    truncated: bool
+
+
+def check_read_only(sql: str) -> None:
+    """Accept exactly one SELECT statement, judged by DuckDB's own parser.
+
+    Raises:
+        QueryRejected: empty, unparsable, several statements, or not a read.
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryRejected(f"cannot parse the query: {exc}") from None
+    if not statements:
+        raise QueryRejected("the query is empty")
+    if len(statements) > 1:
+        raise QueryRejected(f"one statement at a time, got {len(statements)}")
+    kind = statements[0].type
+    if kind not in READ_STATEMENTS:
+        raise QueryRejected(f"only SELECT queries are allowed, got {kind.name}")
 
 
 class AnalyticsDB:
-    """One DuckDB file; `insert_events` is one transaction per call."""
+    """One DuckDB file; each `insert_batch` is one transaction.
+
+    Raises:
+        AnalyticsStorageError: the file cannot be opened (a directory, a read-only or
+            missing parent, or another process holds its lock).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = duckdb.connect(str(path))
-        self.conn.execute(_CREATE_EVENTS).fetchall()
-        self.transactions = 0
-
-    def insert_events(self, table: pa.Table) -> int:
-        """Insert an Arrow table of events in one transaction, skipping known event ids.
-
-        Returns the number of rows newly stored.
-        """
-        if table.num_rows == 0:
-            return 0
-        self.conn.begin()
         try:
-            before = self._count()
-            self.conn.register("incoming_events", table)
-            self.conn.execute(
-                "INSERT OR IGNORE INTO events SELECT * EXCLUDE (payload), payload::JSON FROM incoming_events"
-            ).fetchall()
-            self.conn.unregister("incoming_events")
-            added = self._count() - before
-            self.conn.commit()
-        except BaseException:
-            self.conn.rollback()
-            raise
-        self.transactions += 1
-        return added
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = duckdb.connect(str(path))
+        except (OSError, duckdb.Error) as exc:
+            raise AnalyticsStorageError(path, str(exc)) from None
+        try:
+            self.conn.execute(_SCHEMA).fetchall()
+            # queries are operator-supplied: no file, network or extension access from
+            # SQL (the sink's own inserts read registered Arrow tables, not files)
+            self.conn.execute("SET enable_external_access = false").fetchall()
+            self.conn.execute("SET lock_configuration = true").fetchall()
+        except duckdb.Error as exc:
+            self.conn.close()
+            raise AnalyticsStorageError(path, str(exc)) from None
+        self.transactions = 0
+        self._write_lock = threading.Lock()
 
-    def _count(self) -> int:
-        row = self.conn.execute("SELECT count(*) FROM events").fetchall()[0]
-        return int(row[0]) if row else 0
+    def insert_batch(self, events: pa.Table, aggregates: pa.Table | None = None) -> int:
+        """Insert events (skipping known ids) and add aggregate counts, in one transaction.
 
-    def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
-        cur = self.conn.execute(sql, params or [])
-        columns = [d[0] for d in cur.description or []]
-        return columns, cur.fetchall()
+        Returns the number of events newly stored.
+
+        Raises:
+            AnalyticsStorageError: the transaction could not be committed (rolled back).
+        """
+        has_aggs = aggregates is not None and aggregates.num_rows > 0
+        if events.num_rows == 0 and not has_aggs:
+            return 0
+        with self._write_lock:
+            conn = self.conn
+            try:
+                conn.begin()
+                added = 0
+                if events.num_rows:
+                    conn.register("incoming_events", events)
+                    added = int(conn.execute(_INSERT_EVENTS).fetchall()[0][0])
+                    conn.unregister("incoming_events")
+                if has_aggs:
+                    conn.register("incoming_aggregates", aggregates)
+                    conn.execute(_UPSERT_AGGREGATES).fetchall()
+                    conn.execute(_RECORD_BATCHES).fetchall()
+                    conn.unregister("incoming_aggregates")
+                conn.commit()
+            except duckdb.Error as exc:
+                try:
+                    conn.rollback()
+                except duckdb.Error:
+                    pass  # the transaction is already gone; nothing was stored
+                raise AnalyticsStorageError(self.path, str(exc)) from None
+            self.transactions += 1
+            return added
+
+    def query(self, sql: str, max_rows: int, timeout: float) -> QueryResult:
+        """Run one read statement on its own cursor, bounded in rows and seconds.
+
+        Raises:
+            QueryRejected: not a single read statement, or it failed or timed out.
+        """
+        check_read_only(sql)
+        with self._write_lock:
+            cur = self.conn.cursor()
+        timer = threading.Timer(timeout, cur.interrupt)
+        timer.start()
+        try:
+            cur.execute(sql)
+            columns = [d[0] for d in cur.description or []]
+            rows = cur.fetchmany(max_rows + 1)
+        except duckdb.InterruptException:
+            raise QueryRejected(f"the query ran longer than {timeout:g}s and was stopped") from None
+        except duckdb.Error as exc:
+            raise QueryRejected(str(exc)) from None
+        finally:
+            timer.cancel()
+            cur.close()
+        return QueryResult(columns, rows[:max_rows], len(rows) > max_rows)
+
+    def export_parquet(self, out_dir: Path) -> dict[str, int]:
+        """Write each table to `<out_dir>/<table>.parquet`, streaming; returns rows per table."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written: dict[str, int] = {}
+        with self._write_lock:
+            cur = self.conn.cursor()
+        try:
+            for table in EXPORT_TABLES:
+                reader = cur.sql(f"SELECT * FROM {table}").to_arrow_reader(65_536)
+                tmp = out_dir / f".{table}.parquet.tmp"
+                rows = 0
+                with pq.ParquetWriter(tmp, reader.schema) as writer:
+                    for batch in reader:
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+                # readers never see a half-written file
+                tmp.replace(out_dir / f"{table}.parquet")
+                written[table] = rows
+        finally:
+            cur.close()
+        return written
 
     def close(self) -> None:
         self.conn.close()

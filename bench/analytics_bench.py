@@ -1,0 +1,222 @@
+"""Analytics ingest into DuckDB: one INSERT per event vs `executemany` vs the AnalyticsSink.
+
+All designs run side by side in one run on fresh database files: the plan's "before"
+(an autocommitted INSERT per event), `executemany` in one transaction per flush, the
+sink in-process with client-sized batches, and the client through the sink actor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.analytics import AnalyticsClient, AnalyticsConfig, AnalyticsSink, event_row, rows_to_table
+from actors.schemas import AnalyticsEvent
+from bench.common import ratio, write_results
+from storage.analytics_db import AnalyticsDB
+
+SIZES: dict[str, dict[str, int]] = {
+    # events per design; the per-row designs are slow, so they get fewer events
+    "tiny": {"before": 50, "executemany": 100, "sink": 5_000, "actor": 5_000},
+    "full": {"before": 1_000, "executemany": 2_000, "sink": 200_000, "actor": 100_000},
+}
+
+_INSERT_ONE = "INSERT INTO events VALUES (?::UUID, make_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON)"
+
+
+def make_events(n: int) -> list[AnalyticsEvent]:
+    return [
+        AnalyticsEvent(
+            type="message",
+            server_id=f"s{i % 10}",
+            channel_id=f"c{i % 100}",
+            user_id=f"u{i % 1000}",
+            latency_ms=float(i % 500),
+            tokens_in=i % 300,
+            tokens_out=i % 200,
+            cache_hit=i % 3 == 0,
+            payload={"model": "gemini-2.5-flash"} if i % 2 else {},
+        )
+        for i in range(n)
+    ]
+
+
+def _result(events: int, seconds: float, transactions: int) -> dict[str, float]:
+    return {
+        "events": events,
+        "seconds": seconds,
+        "events_per_second": events / seconds if seconds else 0.0,
+        "transactions_per_10k_events": transactions * 10_000 / events if events else 0.0,
+    }
+
+
+def bench_before(rows: list[tuple[Any, ...]], path: Path) -> dict[str, float]:
+    """The plan's "before": one INSERT per event, each its own (autocommit) transaction."""
+    db = AnalyticsDB(path)
+    start = time.perf_counter()
+    for row in rows:
+        db.conn.execute(_INSERT_ONE, list(row)).fetchall()
+    seconds = time.perf_counter() - start
+    db.close()
+    return _result(len(rows), seconds, len(rows))
+
+
+def bench_executemany(rows: list[tuple[Any, ...]], path: Path, flush_events: int) -> dict[str, float]:
+    """What a user might pick instead: `executemany` in one transaction per flush."""
+    db = AnalyticsDB(path)
+    transactions = 0
+    start = time.perf_counter()
+    for i in range(0, len(rows), flush_events):
+        db.conn.begin()
+        db.conn.executemany(_INSERT_ONE, [list(r) for r in rows[i : i + flush_events]])
+        db.conn.commit()
+        transactions += 1
+    seconds = time.perf_counter() - start
+    db.close()
+    return _result(len(rows), seconds, transactions)
+
+
+async def bench_sink(
+    rows: list[tuple[Any, ...]], state_dir: Path, config: AnalyticsConfig
+) -> dict[str, float]:
+    """The sink in-process, fed client-sized batches with the client's in-flight bound."""
+    sink = AnalyticsSink(config, state_dir=state_dir)
+    room = asyncio.Semaphore(config.client_max_inflight)
+    batch = config.client_batch_events
+
+    async def send(chunk: list[tuple[Any, ...]]) -> None:
+        async with room:
+            await sink.append_batch(chunk)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(send(rows[i : i + batch]) for i in range(0, len(rows), batch)))
+    await sink.flush()
+    seconds = time.perf_counter() - start
+    stats = await sink.stats()
+    await sink.close()
+    assert stats.committed == len(rows), stats
+    return _result(len(rows), seconds, stats.transactions)
+
+
+async def bench_actor(
+    events: list[AnalyticsEvent], state_dir: Path, config: AnalyticsConfig
+) -> dict[str, Any]:
+    """The whole path: `AnalyticsClient.record` → batches → sink actor → DuckDB commit."""
+    import ray
+
+    from bot.config import Settings
+    from bot.runtime import SERVICES, init_ray, service_handles
+
+    settings = Settings(
+        state_dir=state_dir,
+        namespace=f"bench-analytics-{time.time_ns()}",
+        dashboard=False,
+        analytics=config,
+    )
+    owns_ray = init_ray(settings, num_cpus=2, include_dashboard=False)
+    spec = next(s for s in SERVICES if s.name == "analytics")
+    handles = service_handles(settings, spec)
+    client = AnalyticsClient(handles, config, state_dir=state_dir)
+    try:
+        await handles[0].ping.remote()
+        record_seconds = build_seconds = 0.0
+        built = len(events) // 2
+        step = config.client_batch_events
+        start = time.perf_counter()
+        for i in range(0, len(events), step):
+            t0 = time.perf_counter()
+            for event in events[i : i + step]:
+                client.record(event)
+            record_seconds += time.perf_counter() - t0
+            # the reply path yields between messages; this is where the sender runs
+            await asyncio.sleep(0)
+        for i in range(0, built, step):
+            t0 = time.perf_counter()
+            for j in range(i, min(i + step, built)):
+                client.record(
+                    AnalyticsEvent(type="reply", server_id="s1", user_id=f"u{j % 1000}", latency_ms=12.0)
+                )
+            build_seconds += time.perf_counter() - t0
+            await asyncio.sleep(0)
+        await client.flush()
+        seconds = time.perf_counter() - start
+        (stats,) = await client.stats()
+        local = client.stats_local()
+        total = len(events) + built
+        assert local.committed == total and local.spilled == 0, local
+        out: dict[str, Any] = _result(total, seconds, stats.transactions)
+        # front-end cost per event: `record()` of a built event, and building + recording
+        out["record_us"] = record_seconds / len(events) * 1e6
+        out["build_and_record_us"] = build_seconds / built * 1e6
+        out["mean_flush_size"] = stats.mean_flush_size
+        out["max_commit_ms"] = stats.max_commit_ms
+        return out
+    finally:
+        await client.close()
+        await handles[0].close.remote()
+        ray.kill(handles[0], no_restart=True)
+        if owns_ray:
+            ray.shutdown()
+
+
+async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
+    n = SIZES[size]
+    config = AnalyticsConfig()
+    events = make_events(max(n.values()))
+    rows = [event_row(e) for e in events]
+    # pyarrow imports its pandas shim on the first conversion (seconds here): not ingest time
+    rows_to_table(rows[:10])
+    # the machine is shared: the load average says how much of it this run had
+    results: dict[str, Any] = {
+        "size": size,
+        "config": config.model_dump(mode="json"),
+        "load_average_1m_at_start": os.getloadavg()[0],
+    }
+    results["before_insert_per_event"] = bench_before(rows[: n["before"]], work / "before.duckdb")
+    results["executemany"] = bench_executemany(
+        rows[: n["executemany"]], work / "executemany.duckdb", config.flush_events
+    )
+    results["sink_in_process"] = await bench_sink(rows[: n["sink"]], work / "sink", config)
+    if with_actor:
+        results["sink_actor_end_to_end"] = await bench_actor(events[: n["actor"]], work / "actor", config)
+    ours = results["sink_in_process"]["events_per_second"]
+    results["ratios"] = {
+        "sink_vs_before_events_per_second": ratio(
+            results["before_insert_per_event"]["events_per_second"], ours
+        ),
+        "sink_vs_executemany_events_per_second": ratio(results["executemany"]["events_per_second"], ours),
+    }
+    results["targets"] = {
+        "events_per_second_min": 50_000,
+        "transactions_per_10k_max": 20,
+        "record_us_max": 20,
+    }
+    results["load_average_1m_at_end"] = os.getloadavg()[0]
+    return results
+
+
+def run(size: str = "full", results_dir: Path | None = None, with_actor: bool = True) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="analytics-bench-") as tmp:
+        results = asyncio.run(_run(size, Path(tmp), with_actor))
+    write_results("analytics_bench", results, results_dir)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--no-actor", action="store_true", help="skip the run through a Ray actor")
+    args = parser.parse_args()
+    results = run(args.size, with_actor=not args.no_actor)
+    for name, value in results.items():
+        if isinstance(value, dict) and name != "config":
+            print(name, {k: round(v, 2) if isinstance(v, float) else v for k, v in value.items()})
+
+
+if __name__ == "__main__":
+    main()
