@@ -60,7 +60,8 @@ async def test_a_user_over_the_limit_is_told_when_to_retry(ray_session: None, tm
         with pytest.raises(RateLimited) as caught:
             await pipeline.handle(message("three", "u1"))
         assert caught.value.window == "minute"
-        assert 0 < caught.value.retry_after <= 60
+        # bucketed windows may hold a request back up to one bucket past the minute
+        assert 0 < caught.value.retry_after <= 60 * (1 + 1 / limits.buckets)
         assert "Try again in" in caught.value.user_message()
         # another user has their own budget
         assert (await pipeline.handle(message("hi", user="u2"))).text
