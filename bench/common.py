@@ -76,3 +76,12 @@ def write_results(name: str, results: dict[str, Any], results_dir: Path | None =
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return path
+
+
+def size_cli(run: Callable[[str], dict[str, Any]], description: str | None, sizes: Sequence[str]) -> None:
+    """`python -m bench.<name> --size ...`: run the benchmark and print its results as JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", choices=sorted(sizes), default="full")
+    print(json.dumps(run(parser.parse_args().size), indent=2, default=str))

@@ -6,7 +6,6 @@ bound, coalescing of identical prompts, event-loop lag while streams run, and th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -22,7 +21,7 @@ import aiohttp
 from google import genai
 from google.genai import types
 
-from bench.common import summarize_ms, write_results
+from bench.common import size_cli, summarize_ms, write_results
 from bot.config import LLMSettings, Settings
 from bot.llm import LLMRequest
 from bot.llm.gemini import GeminiLLM
@@ -289,10 +288,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    args = parser.parse_args()
-    print(json.dumps(run(args.size), indent=2))
+    size_cli(run, __doc__, SIZES)
 
 
 if __name__ == "__main__":

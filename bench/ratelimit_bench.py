@@ -7,7 +7,6 @@ admissions the bucketed windows give, are measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -24,7 +23,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from actors.ratelimit import USER_WINDOWS, RateLimitClient, RateLimitConfig, RateLimiter, WindowLimits
-from bench.common import ratio, summarize_ms, write_results
+from bench.common import ratio, size_cli, summarize_ms, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"checks": 300, "users": 100, "memory_users": (1_000, 10_000), "trace": 2_000},
@@ -307,10 +306,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    args = parser.parse_args()
-    print(json.dumps(run(args.size), indent=2))
+    size_cli(run, __doc__, SIZES)
 
 
 if __name__ == "__main__":
