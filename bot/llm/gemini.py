@@ -338,21 +338,27 @@ class GeminiLLM:
 
     def _build(
         self, request: LLMRequest, images: tuple[ImagePart, ...]
-    ) -> tuple[list[types.Content], types.GenerateContentConfig]:
-        contents: list[types.Content] = []
+    ) -> tuple[list[types.ContentDict], types.GenerateContentConfigDict]:
+        # Plain dicts, not `types.Content` models: the SDK validates what it is given
+        # into its own models anyway, and re-validating model instances costs it ~6x
+        # more CPU (44 ms against 8 ms for 20 turns here); history is most of a request.
+        contents: list[types.ContentDict] = []
         for role, author, text in request.history:
             if role == "model":
-                contents.append(types.Content(role="model", parts=[types.Part(text=text)]))
+                contents.append({"role": "model", "parts": [{"text": text}]})
             else:
                 # several people talk in one channel: the model needs to know who said what
                 said = f"{author}: {text}" if author else text
-                contents.append(types.Content(role="user", parts=[types.Part(text=said)]))
-        parts = [types.Part(text=request.prompt)] if request.prompt else []
-        parts.extend(types.Part.from_bytes(data=image.data, mime_type=image.mime_type) for image in images)
-        contents.append(types.Content(role="user", parts=parts))
-        config = types.GenerateContentConfig(
-            system_instruction=request.system_prompt or None, **self._generation
-        )
+                contents.append({"role": "user", "parts": [{"text": said}]})
+        parts: list[types.PartDict] = [{"text": request.prompt}] if request.prompt else []
+        parts.extend({"inline_data": {"data": image.data, "mime_type": image.mime_type}} for image in images)
+        contents.append({"role": "user", "parts": parts})
+        config: types.GenerateContentConfigDict = {
+            "temperature": self._generation["temperature"],
+            "max_output_tokens": self._generation["max_output_tokens"],
+        }
+        if request.system_prompt:
+            config["system_instruction"] = request.system_prompt
         return contents, config
 
     def _finish(self, reply: _Reply, model: str) -> LLMResult:
