@@ -10,12 +10,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
+
+import psutil
+from pydantic import BaseModel
 
 Clock = Callable[[], float]
 
 log = logging.getLogger(__name__)
+
+
+class ServiceHealth(BaseModel):
+    """What `health()` answers: who is serving, where, and how much memory it holds."""
+
+    service: str
+    shard: int
+    pid: int
+    #: Ray node id of the actor's process; None outside Ray
+    node_id: str | None
+    rss_bytes: int
+    uptime_seconds: float
+    maintenance_running: bool
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 class Service:
@@ -27,6 +52,8 @@ class Service:
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock: Clock = clock or time.time
         self._maintenance: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+        self._process: psutil.Process | None = None
 
     def _ensure_maintenance(self) -> None:
         """Start the maintenance loop if a loop is running and it is not started yet."""
@@ -57,6 +84,22 @@ class Service:
         """Cheap health check."""
         self._ensure_maintenance()
         return type(self).__name__
+
+    async def health(self) -> ServiceHealth:
+        """Cheap health check with the figures a dashboard needs: no I/O beyond one
+        read of this process's memory counters."""
+        self._ensure_maintenance()
+        if self._process is None:
+            self._process = psutil.Process(os.getpid())
+        return ServiceHealth(
+            service=type(self).__name__,
+            shard=getattr(self, "shard", 0),
+            pid=self._process.pid,
+            node_id=_node_id(),
+            rss_bytes=self._process.memory_info().rss,
+            uptime_seconds=time.monotonic() - self._started,
+            maintenance_running=self._maintenance is not None and not self._maintenance.done(),
+        )
 
     async def close(self) -> None:
         """Flush and stop the maintenance loop."""
