@@ -13,9 +13,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 from pydantic import BaseModel
+
+from actors import metrics
 
 Clock = Callable[[], float]
 
@@ -66,6 +69,8 @@ class Service:
         self._maintenance = loop.create_task(self._maintenance_loop())
 
     async def _maintenance_loop(self) -> None:
+        rss = metrics.gauge("service_rss_bytes", "resident memory of a service process", ("service", "shard"))
+        tags = {"service": type(self).__name__, "shard": str(getattr(self, "shard", 0))}
         while True:
             await asyncio.sleep(self.maintenance_interval)
             try:
@@ -73,6 +78,13 @@ class Service:
             except Exception:
                 # a failed pass is retried on the next tick; the loop must outlive it
                 log.exception("%s maintenance failed", type(self).__name__)
+            rss.set(self._memory().rss, tags=tags)
+
+    def _memory(self) -> Any:
+        """This process's memory counters (one read of /proc on Linux)."""
+        if self._process is None:
+            self._process = psutil.Process(os.getpid())
+        return self._process.memory_info()
 
     async def maintain(self) -> None:
         """One pass of periodic work. Must be safe to run at any time."""
@@ -89,14 +101,12 @@ class Service:
         """Cheap health check with the figures a dashboard needs: no I/O beyond one
         read of this process's memory counters."""
         self._ensure_maintenance()
-        if self._process is None:
-            self._process = psutil.Process(os.getpid())
         return ServiceHealth(
             service=type(self).__name__,
             shard=getattr(self, "shard", 0),
-            pid=self._process.pid,
+            pid=os.getpid(),
             node_id=_node_id(),
-            rss_bytes=self._process.memory_info().rss,
+            rss_bytes=self._memory().rss,
             uptime_seconds=time.monotonic() - self._started,
             maintenance_running=self._maintenance is not None and not self._maintenance.done(),
         )

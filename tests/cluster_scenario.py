@@ -94,7 +94,7 @@ def users_on_shard(shard: int, count: int, prefix: str) -> list[str]:
 
 
 def message(user: str, text: str = "hello") -> dict[str, Any]:
-    return {"user_id": user, "channel_id": "c-1", "text": text}
+    return {"user_id": user, "channel_id": "c-1", "scope": "channel:c-1", "text": text}
 
 
 async def placement(rt: Runtime) -> dict[str, dict[str, Any]]:
@@ -177,8 +177,9 @@ def attach_second_front_end(address: str, state_dir: Path, user: str) -> dict[st
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"the second front-end failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
