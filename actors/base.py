@@ -128,6 +128,15 @@ class ShardedClient:
     `ServiceUnavailable` so the front-end can answer with a retryable error.
     """
 
+    #: calls that may run twice without changing the outcome: only these are sent again
+    #: when a replica died mid-call or was unreachable (a write might have been applied)
+    idempotent_methods: frozenset[str] = frozenset(
+        {"get", "get_many", "contains_many", "build", "social", "stats", "health", "ping", "query"}
+    )
+    #: how long an idempotent call keeps retrying a replica that is down: long enough for
+    #: Ray to notice a dead node and restart the actor elsewhere
+    retry_seconds: float = 30.0
+
     def __init__(self, handles: list[object]) -> None:
         if not handles:
             raise ValueError("a service needs at least one replica")
@@ -143,10 +152,19 @@ class ShardedClient:
 
         from actors.errors import ServiceUnavailable
 
-        try:
-            return await getattr(handle, method).remote(*args, **kwargs)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            raise ServiceUnavailable(f"{method} failed: {type(exc).__name__}") from exc
+        deadline: float | None = None
+        delay = 0.05
+        while True:
+            try:
+                return await getattr(handle, method).remote(*args, **kwargs)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                now = time.monotonic()
+                deadline = deadline or now + self.retry_seconds
+                if method not in self.idempotent_methods or now >= deadline:
+                    raise ServiceUnavailable(f"{method} failed: {type(exc).__name__}") from exc
+                log.warning("%s failed (%s); retrying in %.2fs", method, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _call_all(self, method: str, *args: object, **kwargs: object) -> list[object]:
         return list(await asyncio.gather(*(self._call(h, method, *args, **kwargs) for h in self.handles)))

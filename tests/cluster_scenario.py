@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,16 +105,20 @@ async def placement(rt: Runtime) -> dict[str, dict[str, Any]]:
     return {name: a.model_dump() for name, a in zip(names, answers, strict=True)}
 
 
-async def health_of(handle: Any) -> dict[str, Any]:
-    """The replica's health once it answers (a call in flight when it died fails; retry)."""
+async def health_of(handle: Any, not_pid: int | None = None) -> dict[str, Any]:
+    """The replica's health once it answers, from a process other than `not_pid` (a call
+    in flight when it died fails, and a dying process may still answer: ask again)."""
     deadline = time.monotonic() + RESTART_TIMEOUT
     while True:
         try:
-            return (await handle.health.remote()).model_dump()
+            health = (await handle.health.remote()).model_dump()
+            if health["pid"] != not_pid:
+                return health
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no new replica answered within {RESTART_TIMEOUT}s")
+        await asyncio.sleep(0.2)
 
 
 def scrape(port: int) -> set[str]:
@@ -134,6 +139,8 @@ class Traffic:
         assert rt.pipeline is not None
         self.pipeline = rt.pipeline
         self.outcomes: Counter[str] = Counter()
+        #: when each failed request failed (time.monotonic)
+        self.failed_at: list[float] = []
         self.stop = asyncio.Event()
 
     @property
@@ -149,8 +156,10 @@ class Traffic:
                 self.outcomes["ok"] += 1
             except ServiceUnavailable:
                 self.outcomes["service_unavailable"] += 1
+                self.failed_at.append(time.monotonic())
             except Exception as exc:
                 self.outcomes[type(exc).__name__] += 1
+                self.failed_at.append(time.monotonic())
 
     async def ok_count_reaches(self, target: int) -> None:
         deadline = time.monotonic() + RESTART_TIMEOUT
@@ -239,13 +248,17 @@ async def scenario(cluster: Cluster, metrics_ports: dict[str, int], state_dir: P
         traffic = Traffic(rt)
         flowing = asyncio.get_running_loop().create_task(traffic.run())
         await traffic.ok_count_reaches(5)
+        # a machine's death takes every process on it at once: the actors with the raylet
+        for name in result["victim"]["services"]:
+            os.kill(before[name]["pid"], signal.SIGKILL)
         cluster.remove_node(victim, allow_graceful=False)
         removed_at = time.monotonic()
         result["sent_before_removal"] = traffic.sent
 
         shard_handle = rt.handles["ratelimit"][victim_shard]
-        after = await health_of(shard_handle)
-        result["restart_seconds"] = round(time.monotonic() - removed_at, 2)
+        after = await health_of(shard_handle, not_pid=before[victim_name]["pid"])
+        restarted_at = time.monotonic()
+        result["restart_seconds"] = round(restarted_at - removed_at, 2)
         result["restarted_shard"] = {
             "name": victim_name,
             "node_before": victim_node,
@@ -253,13 +266,27 @@ async def scenario(cluster: Cluster, metrics_ports: dict[str, int], state_dir: P
             "pid_before": before[victim_name]["pid"],
             "pid_after": after["pid"],
         }
-        analytics_after = await health_of(rt.handles["analytics"][0])
-        result["analytics_node_after"] = analytics_after["node_id"]
-        # traffic keeps flowing after the restart
+        # every replica that lived on the lost node answers again (from elsewhere)
+        for name in result["victim"]["services"]:
+            service, shard = name.rsplit("-", 1)
+            await health_of(rt.handles[service][int(shard)], not_pid=before[name]["pid"])
+        recovered_at = time.monotonic()
+        await traffic.ok_count_reaches(traffic.outcomes["ok"] + 5)
+
+        # the analytics sink dies too (its node survived, so its process is killed): it
+        # restarts, and the front-end resends what it had not acknowledged
+        sink = rt.handles["analytics"][0]
+        sink_before = await health_of(sink)
+        ray.kill(sink, no_restart=False)
+        sink_after = await health_of(sink, not_pid=sink_before["pid"])
+        result["analytics_restart"] = {"pid_before": sink_before["pid"], "pid_after": sink_after["pid"]}
+
+        # traffic keeps flowing after the restarts
         await traffic.ok_count_reaches(traffic.outcomes["ok"] + 10)
         traffic.stop.set()
         await flowing
         result["traffic"] = dict(traffic.outcomes)
+        result["failures_after_recovery"] = sum(t > recovered_at for t in traffic.failed_at)
 
         # rate-limit decisions survived: heavy is still out of budget, partial has what was left
         result["heavy_after"] = await outcome(rt, heavy)
