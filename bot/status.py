@@ -8,6 +8,7 @@ from the analytics events in DuckDB, and renders them with rich.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from rich.text import Text
 from actors.base import ServiceHealth
 from bot.config import Settings
 
-#: service name -> how many replicas it runs, as `bot.runtime` creates them
+#: the services whose replicas `bot.runtime` names `<service>-<shard>`
 SERVICE_NAMES = ("cache", "context", "ratelimit", "analytics")
 #: seconds one replica has to answer before it counts as down
 CALL_TIMEOUT = 5.0
@@ -47,7 +48,9 @@ class ReplicaStatus:
 
 @dataclass(slots=True)
 class RecentTraffic:
-    """Messages of the last `window_seconds`, from the analytics events (sampling weights applied)."""
+    """Messages of the last `window_seconds`, from the analytics events (sampling weights
+    applied). Latency counts answered and failed messages; rate-limit denials, answered
+    at once, would only pull it down."""
 
     window_seconds: float
     messages: float = 0.0
@@ -267,7 +270,7 @@ def connect(settings: Settings) -> None:
         ray.init(
             address=settings.ray_address or "auto",
             namespace=settings.namespace,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             log_to_driver=False,
         )
 
