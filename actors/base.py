@@ -1,8 +1,11 @@
-"""What every service shares: an injected clock and one maintenance loop per actor.
+"""What every service shares: an injected clock, one maintenance loop per actor, and
+batched calls.
 
 Periodic work (flush, cleanup, snapshot, gauges) runs from `maintain()`, called by a
 single loop that the service starts on its first call, so a restarted actor resumes it
-without anyone having to remember to.
+without anyone having to remember to. Calls made while earlier ones are in flight leave
+together as one `call_many` round trip (`CallBatcher`): on a loaded front-end, submitting
+a Ray call costs more CPU than the call does.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psutil
@@ -21,6 +24,8 @@ from pydantic import BaseModel
 from actors import metrics
 
 Clock = Callable[[], float]
+#: one call of a batch: positional arguments of the method
+CallArgs = tuple[Any, ...]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,19 @@ class Service:
     async def flush(self) -> None:
         """Make everything the service holds durable (called on shutdown)."""
 
+    async def call_many(self, method: str, calls: Sequence[CallArgs]) -> list[tuple[bool, Any]]:
+        """Run `method` once per argument tuple, concurrently and started in order; one
+        `(True, result)` or `(False, exception)` per call, so one bad call fails alone.
+
+        Raises:
+            ValueError: `method` is not a public coroutine method of this service.
+        """
+        fn = getattr(self, method, None) if not method.startswith("_") else None
+        if fn is None or method in _NOT_BATCHABLE or not asyncio.iscoroutinefunction(fn):
+            raise ValueError(f"{type(self).__name__} has no batchable method {method!r}")
+        outcomes = await asyncio.gather(*(fn(*args) for args in calls), return_exceptions=True)
+        return [(not isinstance(o, BaseException), o) for o in outcomes]
+
     async def ping(self) -> str:
         """Cheap health check."""
         self._ensure_maintenance()
@@ -121,6 +139,77 @@ class Service:
             self._maintenance = None
 
 
+_NOT_BATCHABLE = frozenset({"call_many", "close", "flush", "maintain"})
+
+
+class CallBatcher:
+    """Coalesces concurrent calls of one method on one actor into `call_many` round trips.
+
+    A call goes out at once while fewer than `max_in_flight` batches are in flight; calls
+    made meanwhile wait and leave together when one returns. So an idle front-end adds
+    no delay, and a loaded one pays one round trip for many calls (the client-side twin
+    of a group commit). Calls leave in arrival order and the actor starts them in order.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[CallArgs]], Awaitable[list[tuple[bool, Any]]]],
+        *,
+        max_in_flight: int = 2,
+        max_batch: int = 256,
+    ) -> None:
+        if max_in_flight < 1 or max_batch < 1:
+            raise ValueError("max_in_flight and max_batch must be at least 1")
+        self._send = send
+        self.max_in_flight = max_in_flight
+        self.max_batch = max_batch
+        self._queue: list[tuple[CallArgs, asyncio.Future[Any]]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.calls = 0
+        self.batches = 0
+
+    async def submit(self, args: CallArgs) -> Any:
+        """The call's result, or the exception it raised (or `ServiceUnavailable`)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((args, future))
+        self.calls += 1
+        if len(self._in_flight) < self.max_in_flight:
+            self._launch()
+        # a cancelled caller's call may still run (as a cancelled single call could)
+        return await future
+
+    def _launch(self) -> None:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        self.batches += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._in_flight.add(task)
+
+    async def _run(self, batch: list[tuple[CallArgs, asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await self._send([args for args, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        finally:
+            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            if self._queue and len(self._in_flight) < self.max_in_flight:
+                self._launch()
+
+
 class ShardedClient:
     """The bot's handle on one service: N actor replicas, each key routed to one.
 
@@ -137,10 +226,13 @@ class ShardedClient:
     #: Ray to notice a dead node and restart the actor elsewhere
     retry_seconds: float = 30.0
 
-    def __init__(self, handles: list[object]) -> None:
+    def __init__(self, handles: list[object], *, max_in_flight: int = 2) -> None:
         if not handles:
             raise ValueError("a service needs at least one replica")
         self.handles = handles
+        self.max_in_flight = max_in_flight
+        self._batchers: dict[tuple[int, str], CallBatcher] = {}
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
 
     def handle_for(self, key: str) -> object:
         from actors.sharding import pick
@@ -152,6 +244,8 @@ class ShardedClient:
 
         from actors.errors import ServiceUnavailable
 
+        # a batch of calls is as idempotent as the method it repeats
+        retryable = (args[0] if method == "call_many" and args else method) in self.idempotent_methods
         deadline: float | None = None
         delay = 0.05
         while True:
@@ -160,11 +254,32 @@ class ShardedClient:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 now = time.monotonic()
                 deadline = deadline or now + self.retry_seconds
-                if method not in self.idempotent_methods or now >= deadline:
+                if not retryable or now >= deadline:
                     raise ServiceUnavailable(f"{method} failed: {type(exc).__name__}") from exc
                 log.warning("%s failed (%s); retrying in %.2fs", method, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _batched(self, handle: object, method: str, *args: object) -> Any:
+        """`_call(handle, method, *args)`, sharing a round trip with concurrent calls."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._batch_loop:
+            # futures belong to one loop: a client reused from another loop starts afresh
+            self._batchers, self._batch_loop = {}, loop
+        slot = (id(handle), method)
+        batcher = self._batchers.get(slot)
+        if batcher is None:
+
+            async def send(calls: list[CallArgs]) -> list[tuple[bool, Any]]:
+                return await self._call(handle, "call_many", method, calls)  # type: ignore[return-value]
+
+            batcher = self._batchers[slot] = CallBatcher(send, max_in_flight=self.max_in_flight)
+        return await batcher.submit(args)
+
+    def batching(self) -> dict[str, int]:
+        """Calls made through `_batched` and the round trips that carried them."""
+        calls = sum(b.calls for b in self._batchers.values())
+        return {"calls": calls, "round_trips": sum(b.batches for b in self._batchers.values())}
 
     async def _call_all(self, method: str, *args: object, **kwargs: object) -> list[object]:
         return list(await asyncio.gather(*(self._call(h, method, *args, **kwargs) for h in self.handles)))

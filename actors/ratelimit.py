@@ -475,10 +475,10 @@ class RateLimitClient(ShardedClient):
         mine = self.handle_for(user)
         theirs = mine if server is None else self.handle_for(server_key(server))
         if theirs is mine:
-            return await self._call(mine, "check", user, kind, server)  # type: ignore[return-value]
+            return await self._batched(mine, "check", user, kind, server)  # type: ignore[no-any-return]
         (for_user, user_at), (for_server, server_at) = await asyncio.gather(
-            self._call(mine, "check_part", user, kind, None),
-            self._call(theirs, "check_part", None, kind, server),
+            self._batched(mine, "check_part", user, kind, None),
+            self._batched(theirs, "check_part", None, kind, server),
         )  # type: ignore[misc]
         if for_user.allowed != for_server.allowed:
             if for_user.allowed:

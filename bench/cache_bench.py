@@ -27,7 +27,7 @@ from typing import Any
 import cachetools
 import lz4.block
 
-from actors.cache import CacheClient, CacheConfig, ResponseCache, cache_key, normalize_prompt
+from actors.cache import CacheClient, CacheConfig, ResponseCache, cache_key, normalize_prompt, pack, unpack
 from bench.common import percentile, ratio, summarize_ms, write_results
 
 NAME = "cache_bench"
@@ -373,9 +373,10 @@ def bench_compression(p: dict[str, Any]) -> dict[str, Any]:
         plan = sum(len(plan_encode(r)[0]) for r in large)
         gzip_only = sum(len(gzip.compress(r.encode("utf-8"))) for r in large)
         sample = large[: min(200, len(large))]
-        lz4_in = _time_ops(lambda r: lz4.block.compress(r.encode("utf-8")), sample)
-        packed = [lz4.block.compress(r.encode("utf-8")) for r in sample]
-        lz4_out = _time_ops(lambda b: lz4.block.decompress(b).decode("utf-8"), packed)  # type: ignore[arg-type]
+        level = cache.config.compression_level
+        lz4_in = _time_ops(lambda r, lv=level: pack(r.encode("utf-8"), lv), sample)
+        packed = [(pack(r.encode("utf-8"), level), len(r.encode("utf-8"))) for r in sample]
+        lz4_out = _time_ops(lambda b: unpack(*b).decode("utf-8"), packed)  # type: ignore[misc]
         plan_packed = [plan_encode(r)[0] for r in sample]
         plan_in = _time_ops(plan_encode, sample)
         plan_out = _time_ops(lambda s: gzip.decompress(base64.b64decode(s)).decode("utf-8"), plan_packed)

@@ -2,7 +2,7 @@
 against the naive "before" pipeline, in one command, with every figure as a ratio.
 
 `raycord loadtest` and `python -m bench.loadtest` run it; results go to
-bench/results/<name>.json, <name>.md and PNG plots, and BENCHMARKS.md is refreshed.
+bench/results/<name>.json, <name>.md and <name>.png (BENCHMARKS.md quotes them).
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ class RunResult:
     coalesced: int = 0
     db_writes: int = 0
     file_writes: int = 0
+    #: service calls the pipeline made, and the actor round trips that carried them
+    service_calls: int = 0
+    round_trips: int = 0
+    #: p50 of an empty actor call on the idle system before the load: the floor of a round trip
+    empty_call_ms: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]
@@ -95,6 +100,13 @@ class RunResult:
             "latency_ms": {q: percentile(lat, int(q[1:])) for q in ("p50", "p95", "p99")},
             "overhead_ms": {q: percentile(over, int(q[1:])) for q in ("p50", "p95", "p99")},
             "cache_hit_rate": sum(s.cached for s in ok) / len(ok) if ok else 0.0,
+            # by message kind: a chat message's key covers its conversation, which every
+            # turn changes, so its hits are rare by design; commands are stateless
+            "cache_hit_rate_by_kind": {
+                kind: sum(s.cached for s in ok if s.kind == kind) / count
+                for kind in sorted({s.kind for s in ok})
+                if (count := sum(1 for s in ok if s.kind == kind))
+            },
             "llm_calls": self.llm_calls,
             "llm_calls_saved_by_cache": sum(s.cached for s in ok),
             "llm_calls_saved_by_coalescing": self.coalesced,
@@ -102,6 +114,9 @@ class RunResult:
             "file_writes": self.file_writes,
             "rss_peak_mb": peak / 2**20,
             "error_kinds": sorted({s.error for s in self.samples if s.error}),
+            "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
+            "round_trips_per_reply": self.round_trips / len(ok) if ok else 0.0,
+            "empty_actor_call_p50_ms": self.empty_call_ms,
         }
 
 
@@ -175,14 +190,13 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
         rng = random.Random(cfg.seed * 1000 + i)
         while time.perf_counter() < deadline:
             msg = workload.message(i, run_id)
+            kind = "image" if msg.attachments else msg.kind
             start = time.perf_counter()
             try:
                 reply = await pipeline.handle(msg)
                 took = time.perf_counter() - start
                 result.samples.append(
-                    Sample(
-                        start - t0, took, max(took - reply.llm_ms / 1000, 0.0), True, reply.cached, msg.kind
-                    )
+                    Sample(start - t0, took, max(took - reply.llm_ms / 1000, 0.0), True, reply.cached, kind)
                 )
             except RaycordError as exc:
                 result.samples.append(
@@ -192,7 +206,7 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
                         0.0,
                         False,
                         False,
-                        msg.kind,
+                        kind,
                         type(exc).__name__,
                     )
                 )
@@ -284,11 +298,17 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         for name, handles in runtime.handles.items():
             for i, h in enumerate(handles):
                 pids[f"{name}-{i}"] = await h.__ray_call__.remote(lambda self: os.getpid())
+        empty_call_ms = await _empty_call_p50(runtime.handles["cache"][0])
         try:
             ours = await drive(pipeline, cfg, "raycord", pids)
+            ours.empty_call_ms = empty_call_ms
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
             ours.db_writes, ours.file_writes = await _service_writes(runtime)
+            for client in runtime.clients.values():
+                batching = client.batching()
+                ours.service_calls += batching["calls"]
+                ours.round_trips += batching["round_trips"]
         finally:
             await runtime.shutdown(kill_actors=True)
         results["raycord"] = ours
@@ -304,6 +324,15 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             await naive_llm.aclose()
         results["naive"] = before
     return {k: v for k, v in results.items()}
+
+
+async def _empty_call_p50(handle: Any, calls: int = 200) -> float:
+    samples = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        await handle.ping.remote()
+        samples.append((time.perf_counter() - t) * 1000)
+    return percentile(samples, 50)
 
 
 async def _service_writes(runtime: Any) -> tuple[int, int]:
@@ -393,6 +422,14 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         a, b = ours[key], naive[key]
         ratio = f"{a / b:.3g}" if isinstance(a, int | float) and b else "-"
         lines.append(f"| {title} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    for kind, title in (("message", "chat messages"), ("command", "/ask commands")):
+        a, b = ours["cache_hit_rate_by_kind"].get(kind, 0.0), naive["cache_hit_rate_by_kind"].get(kind, 0.0)
+        lines.append(f"| cache hit rate, {title} | {a:.1%} | {b:.1%} | {a / b if b else 0:.3g} |")
+    lines.append(f"| empty actor call p50, idle (ms) | {ours['empty_actor_call_p50_ms']:.2f} | - | - |")
+    lines.append(
+        f"| service calls / actor round trips per reply | {ours['service_calls_per_reply']:.2f} / "
+        f"{ours['round_trips_per_reply']:.2f} | in-process | - |"
+    )
     for q in ("p50", "p95", "p99"):
         a, b = ours["latency_ms"][q], naive["latency_ms"][q]
         lines.append(f"| latency {q} (ms) | {a:.1f} | {b:.1f} | {a / b if b else 0:.3g} |")

@@ -1,6 +1,7 @@
 """ChatPipeline: one message from a front-end to a reply, through the service actors.
 
-Critical path: (rate-limit check ‖ context build) → cache get → LLM on a miss. The
+Critical path: (rate-limit check ‖ context build) → cache get → LLM on a miss; a
+stateless command needs no context, so its cache get joins the check's round trip. The
 writes the user does not wait for (cache set, context append, analytics) run in the
 background and are retried until the service acknowledges them.
 """
@@ -22,7 +23,7 @@ from actors.cache import CacheClient, cache_key
 from actors.context import BuiltContext, ContextClient
 from actors.errors import InputRejected, RateLimited, RaycordError, UpstreamUnavailable
 from actors.ratelimit import RateLimitClient
-from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, RateDecision, Turn
+from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn
 from bot.config import Settings
 from bot.llm.base import LLM, ImagePart, LLMRequest, LLMResult
 
@@ -166,36 +167,49 @@ class ChatPipeline:
     async def _answer(
         self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None
     ) -> ChatReply:
-        decision, built = await self._admit(msg)
-        self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
-        if not decision.allowed:
-            raise RateLimited(decision.retry_after, decision.window, decision.limit)
-
         settings = self.settings
         cacheable = not msg.attachments
-        key = ""
-        if cacheable:
-            key = cache_key(
-                self.model,
-                settings.pipeline.system_prompt_version,
-                cache_scope_id(msg),
-                msg.text,
-                built.digest,
+        scope_id = cache_scope_id(msg)
+        if msg.stateless:
+            # no context to wait for: the key is known now, so the cache lookup shares the
+            # rate-limit check's round trip (a denied request's lookup is simply dropped)
+            built = _EMPTY_CONTEXT
+            key = self._key(msg, scope_id, built) if cacheable else ""
+            check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
+            if cacheable:
+                decision, cached = await asyncio.gather(check, self.cache.get(key, scope_id))
+            else:
+                decision, cached = await check, None
+            # one round trip: the admit stage includes the cache lookup here
+            self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
+            if not decision.allowed:
+                raise RateLimited(decision.retry_after, decision.window, decision.limit)
+        else:
+            decision, built = await asyncio.gather(
+                self.limiter.check(msg.user_id, msg.kind, msg.server_id),
+                self.context.build(msg.scope, msg.user_id, msg.server_id),
             )
-            looked_up = self.clock()
-            cached = await self.cache.get(key, cache_scope_id(msg))
-            self._m_stage.observe((self.clock() - looked_up) * 1000, tags={"stage": "cache"})
-            if cached is not None:
-                if on_chunk is not None:
-                    await on_chunk(cached)
-                self._remember(msg, cached)
-                return ChatReply(
-                    text=cached,
-                    model=self.model,
-                    cached=True,
-                    offline=self.model == "offline-echo",
-                    latency_ms=(self.clock() - started) * 1000,
-                )
+            self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
+            if not decision.allowed:
+                raise RateLimited(decision.retry_after, decision.window, decision.limit)
+            key = self._key(msg, scope_id, built) if cacheable else ""
+            cached = None
+            if cacheable:
+                looked_up = self.clock()
+                cached = await self.cache.get(key, scope_id)
+                self._m_stage.observe((self.clock() - looked_up) * 1000, tags={"stage": "cache"})
+
+        if cached is not None:
+            if on_chunk is not None:
+                await on_chunk(cached)
+            self._remember(msg, cached)
+            return ChatReply(
+                text=cached,
+                model=self.model,
+                cached=True,
+                offline=self.model == "offline-echo",
+                latency_ms=(self.clock() - started) * 1000,
+            )
 
         request = LLMRequest(
             prompt=msg.text,
@@ -210,7 +224,7 @@ class ChatPipeline:
         llm_ms = (self.clock() - llm_started) * 1000
         self._m_stage.observe(llm_ms, tags={"stage": "llm"})
         if cacheable and result.finish_reason == "STOP" and result.text:
-            scope_id, user = cache_scope_id(msg), msg.user_id
+            user = msg.user_id
             self.writes.submit("cache.set", lambda: self.cache.set(key, result.text, scope_id, user))
         self._remember(msg, result.text)
         return ChatReply(
@@ -225,14 +239,10 @@ class ChatPipeline:
             llm_ms=llm_ms,
         )
 
-    async def _admit(self, msg: IncomingMessage) -> tuple[RateDecision, BuiltContext]:
-        """The rate-limit check and the context build, concurrently: one round trip."""
-        check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
-        if msg.stateless:
-            return await check, _EMPTY_CONTEXT
-        build = self.context.build(msg.scope, msg.user_id, msg.server_id)
-        decision, built = await asyncio.gather(check, build)
-        return decision, built
+    def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:
+        return cache_key(
+            self.model, self.settings.pipeline.system_prompt_version, scope_id, msg.text, built.digest
+        )
 
     async def _generate(self, request: LLMRequest, on_chunk: ChunkCallback | None) -> LLMResult:
         try:

@@ -51,7 +51,9 @@ async def test_the_conversation_is_remembered(pipeline: ChatPipeline, user: str)
 
 @pytest.mark.asyncio
 async def test_a_user_over_the_limit_is_told_when_to_retry(ray_session: None, tmp_path: Path) -> None:
-    limits = RateLimitConfig(message=WindowLimits(minute=2, hour=100, day=100))
+    limits = RateLimitConfig(
+        message=WindowLimits(minute=2, hour=100, day=100), command=WindowLimits(minute=2, hour=100, day=100)
+    )
     rt = Runtime(make_settings(tmp_path, ratelimit=limits))
     pipeline = await rt.start()
     try:
@@ -65,6 +67,14 @@ async def test_a_user_over_the_limit_is_told_when_to_retry(ray_session: None, tm
         assert "Try again in" in caught.value.user_message()
         # another user has their own budget
         assert (await pipeline.handle(message("hi", user="u2"))).text
+        # a command's cache lookup shares the check's round trip, but a cached reply is
+        # still refused once the user is over the command limit
+        ask = message("what is ray?", "u3", kind="command", stateless=True)
+        await pipeline.handle(ask)
+        await pipeline.writes.drain(10)
+        assert (await pipeline.handle(ask)).cached
+        with pytest.raises(RateLimited):
+            await pipeline.handle(ask)
     finally:
         await rt.shutdown(kill_actors=True)
 

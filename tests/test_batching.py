@@ -1,0 +1,128 @@
+"""Batched service calls: concurrent calls share round trips, each keeps its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from actors.base import CallArgs, CallBatcher
+from actors.errors import ServiceUnavailable
+from bot.runtime import Runtime
+
+
+class Recorder:
+    """A stand-in transport that records each round trip and answers every call."""
+
+    def __init__(self) -> None:
+        self.round_trips: list[list[CallArgs]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_with: Exception | None = None
+
+    async def send(self, calls: list[CallArgs]) -> list[tuple[bool, Any]]:
+        self.round_trips.append(calls)
+        await self.release.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return [(False, ValueError(f"bad {a[0]}")) if a[0] < 0 else (True, a[0] * 10) for a in calls]
+
+
+@pytest.mark.asyncio
+async def test_calls_made_during_a_round_trip_share_the_next_one() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    batcher = CallBatcher(rec.send, max_in_flight=1)
+    first = asyncio.ensure_future(batcher.submit((1,)))
+    await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batcher.submit((i,))) for i in range(2, 12)]
+    await asyncio.sleep(0)
+    assert [len(b) for b in rec.round_trips] == [1]
+    rec.release.set()
+    assert await first == 10
+    assert await asyncio.gather(*rest) == [i * 10 for i in range(2, 12)]
+    assert [[a[0] for a in b] for b in rec.round_trips] == [[1], list(range(2, 12))]
+    assert (batcher.calls, batcher.batches) == (11, 2)
+
+
+@pytest.mark.asyncio
+async def test_an_idle_batcher_sends_at_once() -> None:
+    rec = Recorder()
+    batcher = CallBatcher(rec.send, max_in_flight=2)
+    for i in range(3):
+        assert await batcher.submit((i,)) == i * 10
+    assert [len(b) for b in rec.round_trips] == [1, 1, 1]
+
+
+@pytest.mark.asyncio
+async def test_one_failing_call_fails_alone() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    batcher = CallBatcher(rec.send, max_in_flight=1)
+    calls = [asyncio.ensure_future(batcher.submit((i,))) for i in (1, -2, 3)]
+    await asyncio.sleep(0)
+    rec.release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[0] == 10 and outcomes[2] == 30
+    assert isinstance(outcomes[1], ValueError) and "bad -2" in str(outcomes[1])
+
+
+@pytest.mark.asyncio
+async def test_a_failed_round_trip_fails_every_call_in_it_and_the_next_goes_out() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    rec.fail_with = ServiceUnavailable("call_many failed: RayActorError")
+    batcher = CallBatcher(rec.send, max_in_flight=1)
+    calls = [asyncio.ensure_future(batcher.submit((i,))) for i in (1, 2)]
+    await asyncio.sleep(0)
+    rec.release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, ServiceUnavailable) for o in outcomes)
+    rec.fail_with = None
+    assert await batcher.submit((4,)) == 40
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_leaves_the_others_their_answer() -> None:
+    rec = Recorder()
+    rec.release.clear()
+    batcher = CallBatcher(rec.send, max_in_flight=1)
+    calls = [asyncio.ensure_future(batcher.submit((i,))) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    calls[1].cancel()
+    rec.release.set()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert outcomes[0] == 10 and outcomes[2] == 30
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+
+
+def test_bounds_are_validated() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        CallBatcher(Recorder().send, max_in_flight=0)
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_concurrent_checks_through_the_actor_share_round_trips_and_stay_exact(
+    runtime: Runtime, user: str
+) -> None:
+    limiter = runtime.clients["ratelimit"]
+    before = limiter.batching()
+    limit = runtime.settings.ratelimit.message.minute
+    decisions = await asyncio.gather(*(limiter.check(user, "message") for _ in range(limit + 20)))  # type: ignore[attr-defined]
+    after = limiter.batching()
+    assert sum(d.allowed for d in decisions) == limit
+    calls = after["calls"] - before["calls"]
+    trips = after["round_trips"] - before["round_trips"]
+    assert calls == limit + 20
+    assert trips < calls
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_call_many_refuses_what_is_not_a_public_service_method(runtime: Runtime) -> None:
+    handle = runtime.handles["cache"][0]
+    for method in ("_insert", "call_many", "close", "no_such_method"):
+        with pytest.raises(ValueError, match="no batchable method"):
+            await handle.call_many.remote(method, [()])
