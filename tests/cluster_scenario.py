@@ -50,6 +50,8 @@ RATELIMIT_SHARDS = 2
 #: bounds on the polls of cross-process state, in seconds
 RESTART_TIMEOUT = 90.0
 METRICS_TIMEOUT = 45.0
+#: restarts allowed to move a rate-limit shard off the head node
+MAX_MOVES = 8
 
 
 def free_ports(n: int) -> list[int]:
@@ -204,6 +206,22 @@ async def attach_main(address: str, state_dir: Path, user: str) -> None:
     print(json.dumps({"verdict": verdict, "pids": pids}))
 
 
+async def rate_limit_shard_on_a_worker(rt: Runtime, head_id: str) -> int:
+    """Make sure a rate-limit shard runs on a worker node (the head, holding the GCS, is
+    never the node that dies). SPREAD placement is not deterministic: while every shard
+    landed on the head, kill one there; Ray restarts it, spreading it elsewhere. Returns
+    how many kills that took."""
+    shard = rt.handles["ratelimit"][0]
+    for moves in range(MAX_MOVES + 1):
+        nodes = [h["node_id"] for h in await asyncio.gather(*(health_of(x) for x in rt.handles["ratelimit"]))]
+        if any(node != head_id for node in nodes):
+            return moves
+        pid = (await health_of(shard))["pid"]
+        ray.kill(shard, no_restart=False)
+        await health_of(shard, not_pid=pid)
+    raise RuntimeError(f"every rate-limit shard stayed on the head after {MAX_MOVES} restarts")
+
+
 async def scenario(cluster: Cluster, metrics_ports: dict[str, int], state_dir: Path) -> dict[str, Any]:
     settings = scenario_settings(cluster.address, state_dir)
     rt = Runtime(settings)
@@ -211,16 +229,16 @@ async def scenario(cluster: Cluster, metrics_ports: dict[str, int], state_dir: P
     result: dict[str, Any] = {"metrics_ports": metrics_ports}
     try:
         assert rt.pipeline is not None
-        before = await placement(rt)
         head_id = cluster.head_node.node_id
+        result["placement_first"] = {name: h["node_id"] for name, h in (await placement(rt)).items()}
+        result["moves_to_a_worker"] = await rate_limit_shard_on_a_worker(rt, head_id)
+        before = await placement(rt)
         result["placement_before"] = {name: h["node_id"] for name, h in before.items()}
         result["nodes"] = {"head": head_id, "workers": [n.node_id for n in cluster.worker_nodes]}
 
         # the node to lose: a worker holding a rate-limit shard, the analytics sink too if it can
         candidates = [(name, h["node_id"]) for name, h in before.items() if name.startswith("ratelimit-")]
         on_workers = [(name, node) for name, node in candidates if node != head_id]
-        if not on_workers:
-            raise RuntimeError(f"no rate-limit shard landed on a worker node: {before}")
         analytics_node = before["analytics-0"]["node_id"]
         victim_name, victim_node = next(
             ((n, node) for n, node in on_workers if node == analytics_node), on_workers[0]
