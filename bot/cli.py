@@ -1,4 +1,4 @@
-"""The `raycord` command: run, chat, config, analytics, fake-gemini, loadtest."""
+"""The `raycord` command: run, chat, config, status, analytics, fake-gemini, loadtest."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(chat)
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     _common(config)
+    status = sub.add_parser("status", help="live terminal dashboard of the running services, with alerts")
+    _common(status)
+    status.add_argument("--once", action="store_true", help="render the dashboard once and exit")
     from bot.analytics_cli import add_analytics_parser
     from bot.llm.fake_server import add_arguments
 
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(settings.masked_json())
         return 0
+    if args.command == "status":
+        from bot.status import run_status
+
+        return asyncio.run(run_status(settings, once=args.once))
     if args.command == "analytics":
         from bot.analytics_cli import run_analytics
 

@@ -78,6 +78,19 @@ class DiscordSettings(BaseModel):
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
 
 
+class StatusSettings(BaseModel):
+    """`raycord status`: how often it refreshes and when a figure turns into an alert."""
+
+    refresh_seconds: float = Field(default=2.0, gt=0)
+    #: p95 latency and error rate are computed over the analytics events of this window
+    window_seconds: float = Field(default=300.0, gt=0)
+    p95_latency_ms_alert: float = Field(default=5_000.0, gt=0)
+    #: resident memory of any one service process
+    memory_mb_alert: float = Field(default=2_048.0, gt=0)
+    #: share of answered-or-failed messages that failed (rate-limit denials are not errors)
+    error_rate_alert: float = Field(default=0.05, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RAYCORD_",
@@ -111,6 +124,7 @@ class Settings(BaseSettings):
     context: ContextConfig = ContextConfig()
     ratelimit: RateLimitConfig = RateLimitConfig()
     analytics: AnalyticsConfig = AnalyticsConfig()
+    status: StatusSettings = StatusSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from actors import metrics
 from actors.analytics import AnalyticsClient
 from actors.cache import CacheClient, cache_key
 from actors.context import BuiltContext, ContextClient
@@ -101,6 +102,14 @@ class ChatPipeline:
         self.clock = clock
         self.writes = BackgroundWrites()
         self.model = llm.name if getattr(llm, "name", "") else settings.llm.model
+        self._m_messages = metrics.counter("messages", "messages handled, by outcome", ("outcome",))
+        self._m_latency = metrics.histogram(
+            "message_latency_ms", "end-to-end message latency", metrics.LATENCY_MS_BOUNDARIES, ("outcome",)
+        )
+        self._m_stage = metrics.histogram(
+            "stage_latency_ms", "latency of one pipeline stage", metrics.LATENCY_MS_BOUNDARIES, ("stage",)
+        )
+        self._m_llm_errors = metrics.counter("llm_errors", "LLM calls that failed, by error", ("error",))
 
     def validate(self, msg: IncomingMessage | dict[str, Any]) -> IncomingMessage:
         """An `IncomingMessage` fit to process, or `InputRejected` saying why not."""
@@ -135,13 +144,15 @@ class ChatPipeline:
         try:
             reply = await self._answer(msg, started, on_chunk)
         except RaycordError as exc:
-            self._record(
-                msg,
-                type="rate_limited" if isinstance(exc, RateLimited) else "error",
-                latency_ms=(self.clock() - started) * 1000,
-                error=type(exc).__name__,
-            )
+            outcome = "rate_limited" if isinstance(exc, RateLimited) else "error"
+            latency_ms = (self.clock() - started) * 1000
+            self._m_messages.inc(tags={"outcome": outcome})
+            self._m_latency.observe(latency_ms, tags={"outcome": outcome})
+            self._record(msg, type=outcome, latency_ms=latency_ms, error=type(exc).__name__)
             raise
+        outcome = "cached" if reply.cached else "answered"
+        self._m_messages.inc(tags={"outcome": outcome})
+        self._m_latency.observe(reply.latency_ms, tags={"outcome": outcome})
         self._record(
             msg,
             type=msg.kind,
@@ -169,6 +180,8 @@ class ChatPipeline:
                 decision, cached = await asyncio.gather(check, self.cache.get(key, scope_id))
             else:
                 decision, cached = await check, None
+            # one round trip: the admit stage includes the cache lookup here
+            self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
             if not decision.allowed:
                 raise RateLimited(decision.retry_after, decision.window, decision.limit)
         else:
@@ -176,10 +189,15 @@ class ChatPipeline:
                 self.limiter.check(msg.user_id, msg.kind, msg.server_id),
                 self.context.build(msg.scope, msg.user_id, msg.server_id),
             )
+            self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
             if not decision.allowed:
                 raise RateLimited(decision.retry_after, decision.window, decision.limit)
             key = self._key(msg, scope_id, built) if cacheable else ""
-            cached = await self.cache.get(key, scope_id) if cacheable else None
+            cached = None
+            if cacheable:
+                looked_up = self.clock()
+                cached = await self.cache.get(key, scope_id)
+                self._m_stage.observe((self.clock() - looked_up) * 1000, tags={"stage": "cache"})
 
         if cached is not None:
             if on_chunk is not None:
@@ -204,6 +222,7 @@ class ChatPipeline:
         llm_started = self.clock()
         result = await self._generate(request, on_chunk)
         llm_ms = (self.clock() - llm_started) * 1000
+        self._m_stage.observe(llm_ms, tags={"stage": "llm"})
         if cacheable and result.finish_reason == "STOP" and result.text:
             user = msg.user_id
             self.writes.submit("cache.set", lambda: self.cache.set(key, result.text, scope_id, user))
@@ -238,9 +257,11 @@ class ChatPipeline:
             # the stream's result carries token usage and the finish reason
             result = getattr(stream, "result", None)
             return result if result is not None else LLMResult(text="".join(parts), model=self.model)
-        except RaycordError:
+        except RaycordError as exc:
+            self._m_llm_errors.inc(tags={"error": type(exc).__name__})
             raise
         except Exception as exc:
+            self._m_llm_errors.inc(tags={"error": type(exc).__name__})
             raise UpstreamUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def _remember(self, msg: IncomingMessage, reply: str) -> None:

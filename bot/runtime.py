@@ -88,6 +88,11 @@ def init_ray(settings: Settings, **kwargs: Any) -> bool:
     return True
 
 
+def cluster_mode(settings: Settings) -> bool:
+    """Connected to a Ray cluster that outlives this process (`ray_address` is set)."""
+    return settings.ray_address is not None
+
+
 def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     """Get or create the replicas of one service, by name, in the configured namespace."""
     config = getattr(settings, spec.config_attr)
@@ -95,6 +100,11 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     remote_cls = ray.remote(spec.cls)
+    placement: dict[str, Any] = {}
+    if cluster_mode(settings):
+        # on a cluster the services outlive any one front-end, and shards of one service
+        # go to different nodes so a node's death takes down as few of them as possible
+        placement = {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
     handles = []
     for shard in range(shards):
         handle = remote_cls.options(
@@ -104,6 +114,7 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
+            **placement,
         ).remote(config, state_dir, shard)
         handles.append(handle)
     return handles
