@@ -85,6 +85,8 @@ class RunResult:
     round_trips: int = 0
     #: p50 of an empty actor call on the idle system before the load: the floor of a round trip
     empty_call_ms: float = 0.0
+    #: prompt tokens sent upstream: the conversation context each request carries
+    tokens_in: int = 0
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]
@@ -117,6 +119,7 @@ class RunResult:
             "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
             "round_trips_per_reply": self.round_trips / len(ok) if ok else 0.0,
             "empty_actor_call_p50_ms": self.empty_call_ms,
+            "llm_tokens_in_per_call": self.tokens_in / self.llm_calls if self.llm_calls else 0.0,
         }
 
 
@@ -304,6 +307,7 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             ours.empty_call_ms = empty_call_ms
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
+            ours.tokens_in = llm.stats().tokens_in
             ours.db_writes, ours.file_writes = await _service_writes(runtime)
             for client in runtime.clients.values():
                 batching = client.batching()
@@ -318,6 +322,7 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         try:
             before = await drive(naive, cfg, "naive", {"driver": os.getpid()})
             before.llm_calls, before.coalesced = llm_counts(naive_llm)
+            before.tokens_in = naive_llm.stats().tokens_in
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
         finally:
             naive.close()
@@ -403,6 +408,7 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         ("error rate", "error_rate", "{:.4%}"),
         ("cache hit rate", "cache_hit_rate", "{:.1%}"),
         ("LLM calls", "llm_calls", "{}"),
+        ("prompt tokens per LLM call (context carried)", "llm_tokens_in_per_call", "{:.0f}"),
         ("database writes", "db_writes", "{}"),
         ("state-file writes", "file_writes", "{}"),
         ("peak RSS, all processes (MiB)", "rss_peak_mb", "{:.0f}"),

@@ -1,8 +1,10 @@
-"""Soak on the injected clock: 10k users over a simulated day, RSS sampled per hour.
+"""Soak on the injected clock: 10k users over a simulated day, RSS of every process
+(the driver and each service actor) sampled per simulated hour.
 
-The real service classes run in this process behind `LocalHandle`s (the same client
-code the bot uses, minus the Ray hop), all on one fake clock, so a day passes in
-minutes and each service's maintenance (cleanup, expiry, flush) runs as it would.
+The bot's real runtime runs on Ray; each actor's clock is swapped for a simulated one
+(through `__ray_call__`) that the driver moves on a minute at a time, and each actor's
+maintenance (cleanup, expiry, flush) is run after every simulated minute, so a day
+passes in minutes and memory shows whatever a day of state would leave behind.
 """
 
 from __future__ import annotations
@@ -10,37 +12,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import random
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from actors.analytics import AnalyticsClient, AnalyticsSink
-from actors.cache import CacheClient, ResponseCache
-from actors.context import ContextClient, ContextStore
-from actors.ratelimit import RateLimitClient, RateLimitConfig, RateLimiter, WindowLimits
+from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import IncomingMessage
 from bench.common import RESULTS_DIR, rss_bytes, write_results
 from bot.config import Settings
 from bot.llm.offline import OfflineResponder
-from bot.pipeline import ChatPipeline
-
-
-class _LocalMethod:
-    def __init__(self, fn: Callable[..., Awaitable[Any]]) -> None:
-        self.remote = fn
-
-
-class LocalHandle:
-    """An in-process stand-in for an actor handle: `h.method.remote(...)` awaits the method."""
-
-    def __init__(self, target: object) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._target, name))
 
 
 class SimClock:
@@ -51,91 +36,138 @@ class SimClock:
         return self.now
 
 
-async def _while_time_passes(clock: SimClock, work: Awaitable[Any], tick: float = 1.0) -> None:
-    """Await `work` while simulated time moves on, so age-based flushes can happen."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        await asyncio.wait({task}, timeout=0.05)
-        clock.now += tick
-    task.result()
+def _set_sim_time(service: Any, now: float) -> int:
+    """Runs inside an actor: the first call swaps its clock for a `SimClock`."""
+    clock = service.clock
+    if not isinstance(clock, SimClock):
+        clock = service.clock = SimClock(now)
+    clock.now = now
+    return os.getpid()
+
+
+class SimulatedTime:
+    """One simulated time for the driver and every actor of a runtime."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.clock = SimClock()
+        self.handles = handles
+
+    async def advance(self, seconds: float) -> list[int]:
+        """Move time on everywhere; returns the actors' pids."""
+        self.clock.now += seconds
+        return list(
+            await asyncio.gather(
+                *(h.__ray_call__.remote(_set_sim_time, self.clock.now) for h in self.handles)
+            )
+        )
+
+    async def while_passing(self, work: Awaitable[Any], tick: float = 1.0) -> None:
+        """Await `work` while time moves on, so age-based flushes can happen."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.05)
+            await self.advance(tick)
+        task.result()
 
 
 async def soak(
-    users: int, hours: float, messages_per_user_day: float, state_dir: Path, seed: int = 11
+    users: int,
+    hours: float,
+    messages_per_user_day: float,
+    state_dir: Path,
+    seed: int = 11,
+    step: float = 60.0,
 ) -> dict[str, Any]:
-    clock = SimClock()
+    """`step` is the simulated seconds between two rounds of messages and maintenance."""
+    from bot.runtime import Runtime
+
     generous = WindowLimits(minute=1000, hour=10_000, day=100_000)
     settings = Settings(
         state_dir=state_dir,
+        namespace=f"soak-{uuid.uuid4().hex[:8]}",
         dashboard=False,
         discord_token=None,
         gemini_api_key=None,
         ratelimit=RateLimitConfig(message=generous, command=generous),
     )
-    services = {
-        "cache": ResponseCache(settings.cache, state_dir, 0, clock=clock),
-        "context": ContextStore(settings.context, state_dir, 0, clock=clock),
-        "ratelimit": RateLimiter(settings.ratelimit, state_dir, 0, clock=clock),
-        "analytics": AnalyticsSink(settings.analytics, state_dir, 0, clock=clock),
+    runtime = Runtime(settings, llm=OfflineResponder())
+    pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
+    labelled = [(f"{name}-{i}", h) for name, hs in runtime.handles.items() for i, h in enumerate(hs)]
+    time = SimulatedTime([h for _, h in labelled])
+    actor_pids = await time.advance(0)
+    pids = {
+        "driver": os.getpid(),
+        **{label: pid for (label, _), pid in zip(labelled, actor_pids, strict=True)},
     }
-    pipeline = ChatPipeline(
-        settings,
-        cache=CacheClient([LocalHandle(services["cache"])]),
-        context=ContextClient([LocalHandle(services["context"])]),
-        limiter=RateLimitClient([LocalHandle(services["ratelimit"])]),
-        analytics=AnalyticsClient([LocalHandle(services["analytics"])], settings.analytics),
-        llm=OfflineResponder(),
-        clock=clock,
-    )
+    # the front-end's own clocks follow the simulated time too
+    pipeline.clock = time.clock
+    runtime.clients["analytics"].clock = time.clock  # type: ignore[attr-defined]
     rng = random.Random(seed)
-    step = 60.0  # one simulated minute per step
+    per_hour = round(3600 / step)
     per_step = users * messages_per_user_day * step / 86400
-    samples: list[dict[str, float]] = []
+    samples: list[dict[str, Any]] = []
     steps = int(hours * 3600 / step)
     # churn: each simulated hour a tenth of the population is replaced by new users
     population = list(range(users))
     next_user = users
-    for i in range(steps):
-        clock.now += step
-        sends = int(per_step) + (1 if rng.random() < per_step % 1 else 0)
-        for _ in range(sends):
-            u = rng.choice(population)
-            await pipeline.handle(
-                IncomingMessage(
-                    text=f"topic {rng.randint(0, 500)} please",
-                    user_id=f"soak-{u}",
-                    scope=f"channel:{u % 50}",
-                    server_id=f"server-{u % 10}",
+    try:
+        for i in range(steps):
+            await time.advance(step)
+            sends = int(per_step) + (1 if rng.random() < per_step % 1 else 0)
+            chosen = [rng.choice(population) for _ in range(sends)]
+            await asyncio.gather(
+                *(
+                    pipeline.handle(
+                        IncomingMessage(
+                            text=f"topic {rng.randint(0, 500)} please",
+                            user_id=f"soak-{u}",
+                            scope=f"channel:{u % 50}",
+                            server_id=f"server-{u % 10}",
+                        )
+                    )
+                    for u in chosen
                 )
             )
-        await pipeline.writes.drain(None)
-        for svc in services.values():
-            await svc.maintain()
-        if i % 60 == 59:
-            for _ in range(users // 10):
-                population[rng.randrange(users)] = next_user
-                next_user += 1
-            await _while_time_passes(clock, pipeline.analytics.flush())
-            gc.collect()
-            samples.append({"hour": (i + 1) / 60, "rss_mb": rss_bytes() / 2**20})
-    await _while_time_passes(clock, pipeline.drain(None))
-    for svc in services.values():
-        await svc.close()
+            await pipeline.writes.drain(None)
+            await asyncio.gather(*(h.maintain.remote() for h in time.handles))
+            if i % per_hour == per_hour - 1:
+                for _ in range(users // 10):
+                    population[rng.randrange(users)] = next_user
+                    next_user += 1
+                await time.while_passing(pipeline.analytics.flush())
+                gc.collect()
+                samples.append(
+                    {
+                        "hour": (i + 1) / per_hour,
+                        "rss_mb": {label: rss_bytes(pid) / 2**20 for label, pid in pids.items()},
+                    }
+                )
+        await time.while_passing(pipeline.drain(None))
+    finally:
+        await runtime.shutdown(kill_actors=True)
     return {
         "users": users,
         "hours": hours,
         "messages_per_user_day": messages_per_user_day,
+        "step_seconds": step,
         "rss_by_hour": samples,
     }
 
 
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
-    users, hours, rate = (10_000, 24.0, 5.0) if size == "full" else (100, 2.0, 40.0)
+    # full: a message round every 5 simulated minutes (~170 messages at once, as a busy
+    # bot sees them); tiny: every minute, so its two hours still sample twice
+    users, hours, rate, step = (10_000, 24.0, 5.0, 300.0) if size == "full" else (100, 2.0, 40.0, 60.0)
     with tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
-        result = asyncio.run(soak(users, hours, rate, Path(tmp)))
-    series = [s["rss_mb"] for s in result["rss_by_hour"]]
-    later = series[len(series) // 4 :] or series
-    result["rss_growth_after_first_quarter_mb"] = (later[-1] - later[0]) if later else 0.0
+        result = asyncio.run(soak(users, hours, rate, Path(tmp), step=step))
+    samples = result["rss_by_hour"]
+    later = samples[len(samples) // 4 :] or samples
+    # growth per process from the end of the first quarter (caches filling) to the end
+    result["rss_growth_after_first_quarter_mb"] = (
+        {label: later[-1]["rss_mb"][label] - later[0]["rss_mb"][label] for label in later[0]["rss_mb"]}
+        if later
+        else {}
+    )
     write_results(f"soak-{size}", result, results_dir or RESULTS_DIR)
     return result
 
@@ -145,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     result = run(parser.parse_args(argv).size)
     for s in result["rss_by_hour"]:
-        print(f"hour {s['hour']:5.1f}  rss {s['rss_mb']:7.1f} MiB")
+        per_process = "  ".join(f"{label} {mb:6.1f}" for label, mb in s["rss_mb"].items())
+        print(f"hour {s['hour']:5.1f}  RSS MiB: {per_process}")
     return 0
 
 

@@ -10,7 +10,13 @@ from bench.analytics_bench import run
 def test_analytics_bench_tiny_reports_every_design(ray_session: None, tmp_path: Path) -> None:
     results = run("tiny", tmp_path)
     assert (tmp_path / "analytics_bench.json").is_file()
-    designs = ("before_insert_per_event", "executemany", "sink_in_process", "sink_actor_end_to_end")
+    designs = (
+        "before_insert_per_event",
+        "executemany",
+        "storage_ceiling_arrow_insert",
+        "sink_in_process",
+        "sink_actor_end_to_end",
+    )
     for name in designs:
         assert results[name]["events"] > 0
         assert results[name]["events_per_second"] > 0
@@ -22,4 +28,5 @@ def test_analytics_bench_tiny_reports_every_design(ray_session: None, tmp_path: 
     assert set(results["ratios"]) == {
         "sink_vs_before_events_per_second",
         "sink_vs_executemany_events_per_second",
+        "sink_vs_storage_ceiling_events_per_second",
     }

@@ -7,8 +7,12 @@ from pathlib import Path
 from bench.soak import run
 
 
-def test_the_tiny_soak_runs_a_simulated_span_and_samples_rss_each_hour(tmp_path: Path) -> None:
+def test_the_tiny_soak_runs_a_simulated_span_and_samples_each_process_rss_each_hour(
+    ray_session: None, tmp_path: Path
+) -> None:
     result = run("tiny", tmp_path)
     assert [s["hour"] for s in result["rss_by_hour"]] == [1.0, 2.0]
-    assert all(s["rss_mb"] > 0 for s in result["rss_by_hour"])
+    for sample in result["rss_by_hour"]:
+        assert set(sample["rss_mb"]) == {"driver", "cache-0", "context-0", "ratelimit-0", "analytics-0"}
+        assert all(mb > 0 for mb in sample["rss_mb"].values())
     assert (tmp_path / "soak-tiny.json").exists()
