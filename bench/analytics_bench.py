@@ -162,8 +162,12 @@ async def bench_actor(
         (stats,) = await client.stats()
         local = client.stats_local()
         total = len(events) + built
-        assert local.committed == total and local.spilled == 0, local
+        # no event lost; when the sink falls behind the burst, the client spills and
+        # replays (the designed backpressure), which the figures below report
+        assert local.committed == total, local
         out: dict[str, Any] = _result(total, seconds, stats.transactions)
+        out["spilled"] = local.spilled
+        out["replayed"] = local.replayed
         # front-end cost per event: `record()` of a built event, and building + recording
         out["record_us"] = record_seconds / len(events) * 1e6
         out["build_and_record_us"] = build_seconds / built * 1e6

@@ -214,7 +214,9 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
                     )
                 )
             if cfg.think:
-                await asyncio.sleep(rng.expovariate(1 / cfg.think))
+                # a pause never runs past the end: the run ends when its time is up
+                pause = rng.expovariate(1 / cfg.think)
+                await asyncio.sleep(min(pause, max(deadline - time.perf_counter(), 0.0)))
 
     async def ticker() -> None:
         while bar is not None:

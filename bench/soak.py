@@ -21,6 +21,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from actors.cache import CacheConfig
+from actors.context import ContextConfig
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import IncomingMessage
 from bench.common import RESULTS_DIR, rss_bytes, write_results
@@ -77,6 +79,8 @@ async def soak(
     state_dir: Path,
     seed: int = 11,
     step: float = 60.0,
+    cache_entries: int = 20_000,
+    context_budget_bytes: int = 16 * 2**20,
 ) -> dict[str, Any]:
     """`step` is the simulated seconds between two rounds of messages and maintenance."""
     from bot.runtime import Runtime
@@ -89,6 +93,10 @@ async def soak(
         discord_token=None,
         gemini_api_key=None,
         ratelimit=RateLimitConfig(message=generous, command=generous),
+        # bounds a day of this traffic reaches by mid-day, so the second half shows
+        # whether memory stays flat once the bounded state is full
+        cache=CacheConfig(max_entries=cache_entries),
+        context=ContextConfig(memory_budget_bytes=context_budget_bytes),
     )
     runtime = Runtime(settings, llm=OfflineResponder())
     pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
@@ -136,10 +144,16 @@ async def soak(
                     next_user += 1
                 await time.while_passing(pipeline.analytics.flush())
                 gc.collect()
+                (cache,) = await runtime.clients["cache"].stats()  # type: ignore[attr-defined]
+                (context,) = await runtime.clients["context"].stats()  # type: ignore[attr-defined]
                 samples.append(
                     {
                         "hour": (i + 1) / per_hour,
                         "rss_mb": {label: rss_bytes(pid) / 2**20 for label, pid in pids.items()},
+                        # the state the memory holds, to tell a full bound from a leak
+                        "cache_entries": cache.entries,
+                        "context_conversations_in_memory": context.conversations,
+                        "context_bytes": context.bytes,
                     }
                 )
         await time.while_passing(pipeline.drain(None))
@@ -150,6 +164,8 @@ async def soak(
         "hours": hours,
         "messages_per_user_day": messages_per_user_day,
         "step_seconds": step,
+        "cache_max_entries": cache_entries,
+        "context_memory_budget_bytes": context_budget_bytes,
         "rss_by_hour": samples,
     }
 
@@ -161,9 +177,9 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
         result = asyncio.run(soak(users, hours, rate, Path(tmp), step=step))
     samples = result["rss_by_hour"]
-    later = samples[len(samples) // 4 :] or samples
-    # growth per process from the end of the first quarter (caches filling) to the end
-    result["rss_growth_after_first_quarter_mb"] = (
+    # growth per process over the second half of the day, once the bounded state is full
+    later = samples[len(samples) // 2 - 1 :] if len(samples) > 1 else samples
+    result["rss_growth_second_half_mb"] = (
         {label: later[-1]["rss_mb"][label] - later[0]["rss_mb"][label] for label in later[0]["rss_mb"]}
         if later
         else {}
@@ -178,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(parser.parse_args(argv).size)
     for s in result["rss_by_hour"]:
         per_process = "  ".join(f"{label} {mb:6.1f}" for label, mb in s["rss_mb"].items())
-        print(f"hour {s['hour']:5.1f}  RSS MiB: {per_process}")
+        print(
+            f"hour {s['hour']:5.1f}  RSS MiB: {per_process}  cache entries {s['cache_entries']}"
+            f"  conversations in memory {s['context_conversations_in_memory']}"
+        )
     return 0
 
 
