@@ -226,11 +226,14 @@ class ShardedClient:
     #: Ray to notice a dead node and restart the actor elsewhere
     retry_seconds: float = 30.0
 
-    def __init__(self, handles: list[object], *, max_in_flight: int = 2) -> None:
+    #: batched round trips in flight per actor and method (see `CallBatcher`)
+    default_max_in_flight: int = 2
+
+    def __init__(self, handles: list[object], *, max_in_flight: int | None = None) -> None:
         if not handles:
             raise ValueError("a service needs at least one replica")
         self.handles = handles
-        self.max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight or self.default_max_in_flight
         self._batchers: dict[tuple[int, str], CallBatcher] = {}
         self._batch_loop: asyncio.AbstractEventLoop | None = None
 

@@ -460,6 +460,10 @@ def _merge(first: RateDecision, second: RateDecision) -> RateDecision:
 
 
 class RateLimitClient(ShardedClient):
+    #: one batch of checks in flight: every check that arrives meanwhile joins the next
+    #: batch, so each group commit (fsync) covers all waiting callers, not half of them
+    default_max_in_flight = 1
+
     async def check(
         self, user: str, kind: MessageKind = "message", server: str | None = None
     ) -> RateDecision:
