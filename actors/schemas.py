@@ -6,6 +6,7 @@ validate at the edges (incoming messages, analytics events, stats).
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -83,10 +84,31 @@ class RateDecision(BaseModel):
 EventType = Literal["message", "command", "reply", "error", "rate_limited", "cache", "custom"]
 
 
+_V4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_V4_SET = (0x8000 << 48) | (0x4000 << 64)
+_new_object = object.__new__
+_set_slot = object.__setattr__
+
+
+def new_event_id() -> uuid.UUID:
+    """A random (version 4) UUID, with `uuid.uuid4()`'s version and variant bits.
+
+    `uuid4()` costs 10-16 µs here, the largest part of building an event: an `os.urandom`
+    system call and the pure-Python constructor's checks. An event id must be unique,
+    not unpredictable, so its 122 random bits come from `random`'s generator, which is
+    seeded from `os.urandom` and reseeded in a forked child, and the UUID is built
+    without the constructor: 3.7 µs.
+    """
+    event_id = _new_object(uuid.UUID)
+    _set_slot(event_id, "int", random.getrandbits(128) & _V4_CLEAR | _V4_SET)
+    _set_slot(event_id, "is_safe", uuid.SafeUUID.unknown)
+    return event_id
+
+
 class AnalyticsEvent(BaseModel):
     """One analytics event, validated at the front-end before it is buffered."""
 
-    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    event_id: uuid.UUID = Field(default_factory=new_event_id)
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     type: str = Field(min_length=1, max_length=64)
     server_id: str | None = None

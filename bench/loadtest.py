@@ -291,6 +291,11 @@ def load_settings(state_dir: Path) -> Settings:
     )
 
 
+def _sdk_pids(llm: Any) -> dict[str, int]:
+    """The Gemini backend's SDK processes, where the SDK's CPU and memory are."""
+    return {f"gemini-sdk-{i}": pid for i, pid in enumerate(llm.sdk_pids())}
+
+
 async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
     from bot.runtime import Runtime
 
@@ -299,7 +304,7 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         llm = gemini_llm(url, cfg.llm_concurrency)
         runtime = Runtime(load_settings(state_dir / "raycord"), llm=llm)
         pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
-        pids = {"driver": os.getpid()}
+        pids = {"driver": os.getpid(), **_sdk_pids(llm)}
         for name, handles in runtime.handles.items():
             for i, h in enumerate(handles):
                 pids[f"{name}-{i}"] = await h.__ray_call__.remote(lambda self: os.getpid())
@@ -322,7 +327,8 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         naive_llm = gemini_llm(url, cfg.llm_concurrency)
         naive = NaivePipeline(state_dir / "naive", naive_llm, per_minute=100_000)
         try:
-            before = await drive(naive, cfg, "naive", {"driver": os.getpid()})
+            await naive_llm.start()  # type: ignore[attr-defined]
+            before = await drive(naive, cfg, "naive", {"driver": os.getpid(), **_sdk_pids(naive_llm)})
             before.llm_calls, before.coalesced = llm_counts(naive_llm)
             before.tokens_in = naive_llm.stats().tokens_in
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes

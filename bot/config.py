@@ -35,6 +35,8 @@ class LLMSettings(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_output_tokens: int = Field(default=1024, ge=1)
     max_concurrency: int = Field(default=16, ge=1)
+    #: child processes running the SDK (each with one client); its CPU stays off the bot's loop
+    sdk_processes: int = Field(default=1, ge=1, le=16)
     #: total deadline of one request: queueing, every attempt and the waits between them
     timeout_seconds: float = Field(default=60.0, gt=0)
     api_version: str = "v1beta"

@@ -153,6 +153,13 @@ class Runtime:
         # every replica answers before the front-end takes traffic
         await asyncio.gather(*(h.ping.remote() for hs in self.handles.values() for h in hs))
         llm = self._llm or make_llm(self.settings)
+        warm = getattr(llm, "start", None)
+        if warm is not None:
+            # the Gemini backend's SDK process: started now, not on the first message
+            try:
+                await warm()
+            except Exception:
+                log.exception("the LLM backend did not start; its first call will retry")
         self.pipeline = ChatPipeline(
             self.settings,
             cache=self.clients["cache"],  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ connection and everyone else queries through it. Every write is one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,12 @@ CREATE TABLE IF NOT EXISTS applied_batches (
 );
 """
 
-_INSERT_EVENTS = "INSERT OR IGNORE INTO events SELECT * EXCLUDE (payload), payload::JSON FROM incoming_events"
+# A plain INSERT checks the event-id key half again as fast as INSERT OR IGNORE (64k against
+# 42k events/s in DuckDB alone here), and a batch holds a known id only after a resend: so
+# a batch goes in plainly first, and only when that hits the key is it redone skipping them.
+_EVENTS_FROM_ARROW = "events SELECT * EXCLUDE (payload), payload::JSON FROM incoming_events"
+_INSERT_EVENTS = f"INSERT INTO {_EVENTS_FROM_ARROW}"
+_INSERT_NEW_EVENTS = f"INSERT OR IGNORE INTO {_EVENTS_FROM_ARROW}"
 # A resent aggregate batch must not count twice: counts are added only for batch ids
 # not applied before, and the batch ids are recorded in the same transaction.
 _UPSERT_AGGREGATES = """
@@ -193,6 +199,8 @@ class AnalyticsDB:
             self.conn.close()
             raise AnalyticsStorageError(path, str(exc)) from None
         self.transactions = 0
+        #: batches redone with INSERT OR IGNORE because they held an already stored id
+        self.dedup_retries = 0
         self._write_lock = threading.Lock()
 
     def insert_batch(self, events: pa.Table, aggregates: pa.Table | None = None) -> int:
@@ -207,28 +215,45 @@ class AnalyticsDB:
         if events.num_rows == 0 and not has_aggs:
             return 0
         with self._write_lock:
-            conn = self.conn
             try:
-                conn.begin()
-                added = 0
-                if events.num_rows:
-                    conn.register("incoming_events", events)
-                    added = int(conn.execute(_INSERT_EVENTS).fetchall()[0][0])
-                    conn.unregister("incoming_events")
-                if has_aggs:
-                    conn.register("incoming_aggregates", aggregates)
-                    conn.execute(_UPSERT_AGGREGATES).fetchall()
-                    conn.execute(_RECORD_BATCHES).fetchall()
-                    conn.unregister("incoming_aggregates")
-                conn.commit()
-            except duckdb.Error as exc:
                 try:
-                    conn.rollback()
-                except duckdb.Error:
-                    pass  # the transaction is already gone; nothing was stored
+                    added = self._transaction(events, aggregates if has_aggs else None, _INSERT_EVENTS)
+                except duckdb.ConstraintException:
+                    # a resent event is already stored: redo the batch, skipping known ids
+                    # (the rolled-back attempt counts as a transaction too)
+                    self.dedup_retries += 1
+                    self.transactions += 1
+                    added = self._transaction(events, aggregates if has_aggs else None, _INSERT_NEW_EVENTS)
+            except duckdb.Error as exc:
                 raise AnalyticsStorageError(self.path, str(exc)) from None
             self.transactions += 1
             return added
+
+    def _transaction(self, events: pa.Table, aggregates: pa.Table | None, insert_events: str) -> int:
+        """One transaction, rolled back on any error (which propagates)."""
+        conn = self.conn
+        names = ["incoming_events"] + (["incoming_aggregates"] if aggregates is not None else [])
+        conn.register("incoming_events", events)
+        if aggregates is not None:
+            conn.register("incoming_aggregates", aggregates)
+        try:
+            conn.begin()
+            try:
+                added = int(conn.execute(insert_events).fetchall()[0][0]) if events.num_rows else 0
+                if aggregates is not None:
+                    conn.execute(_UPSERT_AGGREGATES).fetchall()
+                    conn.execute(_RECORD_BATCHES).fetchall()
+                conn.commit()
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    conn.rollback()  # may be gone already; either way nothing was stored
+                raise
+        finally:
+            # after the rollback: an aborted transaction refuses even an unregister
+            for name in names:
+                with contextlib.suppress(duckdb.Error):
+                    conn.unregister(name)
+        return added
 
     def query(self, sql: str, max_rows: int, timeout: float) -> QueryResult:
         """Run one read statement on its own cursor, bounded in rows and seconds.

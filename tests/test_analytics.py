@@ -116,6 +116,30 @@ async def test_a_resent_batch_is_counted_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_flush_mixing_resent_and_new_events_stores_each_new_event_once(tmp_path: Path) -> None:
+    # the plain INSERT hits the key, the flush is redone skipping known ids, nothing half-stored
+    sink = AnalyticsSink(state_dir=tmp_path)
+    first, fresh = rows_for(10), rows_for(5)
+    await asyncio.gather(sink.append_batch(first), sink.flush())
+    await asyncio.gather(sink.append_batch(first[:3] + fresh), sink.append_batch(first[3:]), sink.flush())
+    result = await sink.query("SELECT count(*), count(DISTINCT event_id) FROM events")
+    assert result.rows == [(15, 15)]
+    stats = await sink.stats()
+    assert (stats.committed, stats.duplicates) == (15, 10)
+    assert sink.db is not None and sink.db.dedup_retries == 1
+    await sink.close()
+
+
+def test_event_ids_are_distinct_version_4_uuids() -> None:
+    ids = [AnalyticsEvent(type="message").event_id for _ in range(50_000)]
+    assert len(set(ids)) == len(ids)
+    for event_id in ids[:100]:
+        assert (event_id.version, event_id.variant) == (4, uuid.RFC_4122)
+        assert uuid.UUID(str(event_id)) == event_id
+        assert hash(uuid.UUID(event_id.hex)) == hash(event_id)
+
+
+@pytest.mark.asyncio
 async def test_aggregate_counts_add_up_and_a_resent_aggregate_batch_adds_once(tmp_path: Path) -> None:
     sink = AnalyticsSink(state_dir=tmp_path)
     minute = 1_700_000_040

@@ -14,6 +14,8 @@ def test_the_llm_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert bounded["upstream_calls"] == bounded["calls"]
     assert bounded["peak_in_flight"] == 4
     assert bounded["server_peak_in_flight"] <= 4
+    # the SDK works in its own process, and that CPU is counted
+    assert bounded["sdk_process_cpu_seconds"] > 0
     assert results["identical_prompts"]["ours"]["upstream_calls"] == 1
     assert results["identical_prompts"]["naive_client_per_call"]["upstream_calls"] == 3
     lag = results["streaming_loop_lag"]

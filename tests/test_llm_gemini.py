@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -297,3 +299,38 @@ async def test_too_many_images_are_refused(server: FakeGemini, make_llm: MakeLLM
     with pytest.raises(InputRejected, match="3 images were attached; the limit is 2"):
         await llm.generate(ask("look", images=(ImagePart("image/png", PNG),) * 3))
     assert server.calls == 0
+
+
+@pytest.mark.asyncio
+async def test_the_sdk_runs_in_a_child_process_and_a_killed_one_is_replaced(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm()
+    await llm.generate(ask("warm up"))
+    (sdk,) = llm._sdks
+    first = sdk.pid
+    assert first is not None and first != os.getpid()
+    server.config.latency = 0.5
+    call = asyncio.create_task(llm.generate(ask("survive the crash")))
+    await server.wait_for_calls(2)
+    os.kill(first, signal.SIGKILL)
+    result = await call  # the broken call is retried like a dropped connection
+    assert "you said: survive the crash" in result.text
+    assert sdk.starts == 2 and sdk.pid not in (None, first)
+    assert llm.stats().retries >= 1
+
+
+@pytest.mark.asyncio
+async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    server.config.latency = 0.05
+    llm = make_llm()
+    stream = llm.stream(ask("a long story"))
+    first = await anext(aiter(stream))
+    await stream.aclose()
+    assert first.startswith("(fake gemini)")
+    (sdk,) = llm._sdks
+    assert sdk.in_flight == 0
+    # the process is still serving after the cancelled stream
+    assert "you said: next" in (await llm.generate(ask("next"))).text

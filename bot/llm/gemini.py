@@ -1,6 +1,9 @@
 """Gemini through the google-genai SDK's async client: one client per process, at most N
 calls in flight (FIFO), identical requests coalesced, 429/5xx/timeouts retried with backoff
 honouring RetryInfo, a circuit breaker, explicit safety/empty/MAX_TOKENS replies, streaming.
+
+The SDK itself runs in a child process (`bot.llm.sdk_process`), so its CPU per call never
+holds the bot's event loop; everything else here runs on the caller's loop.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
 
 import aiohttp
-from google import genai
 from google.genai import errors, types
 from pydantic import BaseModel
 
@@ -23,7 +24,7 @@ from actors.metrics import LATENCY_MS_BOUNDARIES, counter, gauge, histogram
 from bot.config import Settings
 from bot.llm.base import ImagePart, LLMRequest, LLMResult, LLMStream, check_images
 from bot.llm.resilience import Backoff, CircuitBreaker, ConcurrencyGate, SingleFlight
-from bot.llm.sdk_thread import SDKThread
+from bot.llm.sdk_process import Chunk, SDKOptions, SDKProcess
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,10 @@ class GeminiLLM:
         key = settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else None
         if key is None and cfg.base_url is None:
             raise ValueError("the Gemini backend needs GEMINI_API_KEY (or GOOGLE_API_KEY) or llm.base_url")
-        http_options = types.HttpOptions(
-            api_version=cfg.api_version,
-            # attempts=1 turns off the SDK's own retries (including its implicit retry of
-            # connection errors), so the retries, deadline and breaker here are the only ones
-            retry_options=types.HttpRetryOptions(attempts=1),
-        )
-        if cfg.base_url:
-            http_options.base_url = cfg.base_url
         # a local fake server or a keyed proxy accepts any key
-        self._client = genai.Client(api_key=key or "unused", vertexai=False, http_options=http_options)
-        self._models = self._client.aio.models
-        self._sdk = SDKThread()
+        options = SDKOptions(api_key=key or "unused", base_url=cfg.base_url, api_version=cfg.api_version)
+        # each process holds one SDK client, reused for every call (its connection pool)
+        self._sdks = [SDKProcess(options, name=f"gemini-sdk-{i}") for i in range(cfg.sdk_processes)]
         self._generation = {"temperature": cfg.temperature, "max_output_tokens": cfg.max_output_tokens}
         self._gate = ConcurrencyGate(cfg.max_concurrency)
         self._flights: SingleFlight[LLMResult] = SingleFlight()
@@ -145,9 +138,31 @@ class GeminiLLM:
         stream = LLMStream(self._stream_chunks(request, lambda result: setattr(stream, "result", result)))
         return stream
 
+    async def start(self) -> None:
+        """Start the SDK processes now rather than on the first call (which would wait
+        for them). Raises `ConnectionError` when one exits before it is ready."""
+        await asyncio.gather(*(sdk.start() for sdk in self._sdks))
+
+    def sdk_pids(self) -> list[int]:
+        """The process ids of the SDK processes that are running."""
+        return [sdk.pid for sdk in self._sdks if sdk.pid is not None]
+
     async def aclose(self) -> None:
-        await self._sdk.close(self._client.aio.aclose())
-        self._client.close()
+        await asyncio.gather(*(sdk.close() for sdk in self._sdks))
+
+    async def _sdk(self, deadline: float) -> SDKProcess:
+        """The SDK process with the fewest calls in flight, started if it is not running.
+
+        Starting takes a second or two (the SDK's imports), once per process: it is kept
+        out of the attempt's timeout and bounded by the request's deadline only.
+        """
+        sdk = min(self._sdks, key=lambda sdk: sdk.in_flight)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await sdk.start()
+        except (TimeoutError, OSError) as exc:
+            raise _Retryable(f"the SDK process did not start: {exc or type(exc).__name__}") from exc
+        return sdk
 
     def stats(self) -> LLMStats:
         return LLMStats(
@@ -173,12 +188,11 @@ class GeminiLLM:
         model = request.model or self.name
         deadline = asyncio.get_running_loop().time() + self.settings.timeout_seconds
 
-        async def once() -> types.GenerateContentResponse:
+        async def once() -> Chunk:
+            sdk = await self._sdk(deadline)
             async with self._attempt(deadline):
                 async with asyncio.timeout_at(self._attempt_deadline(deadline)):
-                    response = await self._sdk.call(
-                        self._models.generate_content(model=model, contents=contents, config=config)
-                    )
+                    response = await sdk.generate(model, contents, config)
             return response
 
         response = await self._with_retries(deadline, once)
@@ -200,12 +214,9 @@ class GeminiLLM:
         while True:
             attempt += 1
             try:
+                sdk = await self._sdk(deadline)
                 async with self._attempt(deadline):
-                    chunks = self._sdk.iterate(
-                        lambda: self._models.generate_content_stream(
-                            model=model, contents=contents, config=config
-                        )
-                    )
+                    chunks = sdk.stream(model, contents, config)
                     async with aclosing(chunks):
                         while True:
                             try:
@@ -229,9 +240,7 @@ class GeminiLLM:
             yield note
         done(self._finish(reply, model))
 
-    async def _with_retries(
-        self, deadline: float, once: Callable[[], Awaitable[types.GenerateContentResponse]]
-    ) -> types.GenerateContentResponse:
+    async def _with_retries(self, deadline: float, once: Callable[[], Awaitable[Chunk]]) -> Chunk:
         attempt = 0
         while True:
             attempt += 1
@@ -385,27 +394,22 @@ class _Reply:
         self.tokens_in = 0
         self.tokens_out = 0
 
-    def add(self, response: types.GenerateContentResponse) -> str:
-        """Take in one response; returns its new text (never touching `response.text`,
-        which has nothing to give for a blocked or empty reply)."""
-        usage = response.usage_metadata
-        if usage is not None:
+    def add(self, chunk: Chunk) -> str:
+        """Take in one response (as the SDK process summed it up); returns its new text."""
+        if chunk.usage is not None:
             # streamed chunks carry running totals: the last one holds the reply's usage
-            self.tokens_in = usage.prompt_token_count or 0
-            self.tokens_out = (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)
-        feedback = response.prompt_feedback
-        if feedback is not None and feedback.block_reason is not None:
-            self.block_reason = _enum_name(feedback.block_reason)
-        if not response.candidates:
+            prompt, candidates, thoughts = chunk.usage
+            self.tokens_in = prompt
+            self.tokens_out = candidates + thoughts
+        if chunk.block_reason is not None:
+            self.block_reason = chunk.block_reason
+        if not chunk.has_candidates:
             return ""
-        candidate = response.candidates[0]
-        if candidate.finish_reason is not None:
-            self.finish_reason = _enum_name(candidate.finish_reason)
-        parts = candidate.content.parts if candidate.content and candidate.content.parts else []
-        text = "".join(p.text for p in parts if p.text and not p.thought)
-        if text:
-            self.parts.append(text)
-        return text
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        if chunk.text:
+            self.parts.append(chunk.text)
+        return chunk.text
 
     @property
     def reason(self) -> str:
@@ -443,10 +447,6 @@ class _Reply:
             finish_reason=self.reason,
             metadata={"backend": "gemini"},
         )
-
-
-def _enum_name(value: Any) -> str:
-    return str(getattr(value, "value", value))
 
 
 _DURATION = re.compile(r"^\s*([0-9.]+)s\s*$")
