@@ -190,6 +190,32 @@ async def naive_call(url: str, prompt: str) -> str:
         client.close()
 
 
+async def sdk_direct(server: FakeServerProcess, calls: int) -> dict[str, Any]:
+    """The floor: the bare SDK, one client in this process, one call at a time, nothing else."""
+    client = genai.Client(
+        api_key="unused",
+        vertexai=False,
+        http_options=types.HttpOptions(
+            base_url=server.url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)
+        ),
+    )
+    models = client.aio.models
+    try:
+        await models.generate_content(model=MODEL, contents="warm-up")
+
+        async def run() -> None:
+            for i in range(calls):
+                await models.generate_content(model=MODEL, contents=f"bare {i}")
+
+        out = await timed(server, run)
+    finally:
+        await client.aio.aclose()
+        client.close()
+    out["calls"] = calls
+    out["calls_per_s"] = calls / out["seconds"]
+    return out
+
+
 async def naive(server: FakeServerProcess, prompts: list[str]) -> dict[str, Any]:
     async def run() -> None:
         await asyncio.gather(*(naive_call(server.url, p) for p in prompts))
@@ -271,6 +297,7 @@ async def _run(size: str) -> dict[str, Any]:
         # so the naive baseline runs fewer calls; its numbers are per call
         naive_distinct = await naive(server, [f"distinct {i}" for i in range(p["naive"])])
         seq = await sequential(server, p["sequential"])
+        bare = await sdk_direct(server, p["sequential"])
         ours_same = await coalescing(server, p["identical"])
         naive_same = await naive(server, ["the same question"] * p["naive"])
         lag = await loop_lag(server, p["streams"])
@@ -290,6 +317,9 @@ async def _run(size: str) -> dict[str, Any]:
         # one call alone takes the server's latency plus the SDK's CPU and the HTTP round
         # trip: bound / (that time) is the most a bound can reach, as a share of the target
         "single_call_ceiling_ratio": p["latency"] * seq["calls_per_s"],
+        # the same for the bare SDK called directly: what any design built on it can reach
+        "sdk_direct_sequential": bare,
+        "sdk_direct_ceiling_ratio": p["latency"] * bare["calls_per_s"],
         "cpu_per_call_ms": {
             "ours": ours["cpu_seconds"] / ours["calls"] * 1000,
             "naive_client_per_call": naive_distinct["cpu_seconds"] / naive_distinct["calls"] * 1000,

@@ -80,6 +80,8 @@ class RunResult:
     coalesced: int = 0
     db_writes: int = 0
     file_writes: int = 0
+    #: state-file commits per service (raycord only)
+    file_writes_by_service: dict[str, int] = field(default_factory=dict)
     #: service calls the pipeline made, and the actor round trips that carried them
     service_calls: int = 0
     round_trips: int = 0
@@ -114,6 +116,7 @@ class RunResult:
             "llm_calls_saved_by_coalescing": self.coalesced,
             "db_writes": self.db_writes,
             "file_writes": self.file_writes,
+            "file_writes_by_service": self.file_writes_by_service,
             "rss_peak_mb": peak / 2**20,
             "error_kinds": sorted({s.error for s in self.samples if s.error}),
             "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
@@ -315,7 +318,8 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
             ours.tokens_in = llm.stats().tokens_in
-            ours.db_writes, ours.file_writes = await _service_writes(runtime)
+            ours.db_writes, ours.file_writes_by_service = await _service_writes(runtime)
+            ours.file_writes = sum(ours.file_writes_by_service.values())
             for client in runtime.clients.values():
                 batching = client.batching()
                 ours.service_calls += batching["calls"]
@@ -348,16 +352,18 @@ async def _empty_call_p50(handle: Any, calls: int = 200) -> float:
     return percentile(samples, 50)
 
 
-async def _service_writes(runtime: Any) -> tuple[int, int]:
-    """(database transactions, state-file commits) the services made, from their stats."""
-    db = files = 0
+async def _service_writes(runtime: Any) -> tuple[int, dict[str, int]]:
+    """(database transactions, state-file commits per service) the services made, from
+    their stats."""
+    db = 0
+    files: dict[str, int] = {}
     for name, client in runtime.clients.items():
         for stats in await client.stats():
             data = stats.model_dump()
             if name == "analytics":
                 db += int(data.get("transactions", 0))
             else:
-                files += int(data.get("commits", 0))
+                files[name] = files.get(name, 0) + int(data.get("commits", 0))
     return db, files
 
 
