@@ -145,6 +145,8 @@ class ContextStats(ServiceStats):
     cleanup_runs: int
     cleaned_conversations: int
     cleaned_edges: int
+    #: SQLite group commits (one per batch of writers), i.e. state-file writes
+    commits: int
 
 
 def _check_id(what: str, value: str) -> None:
@@ -445,6 +447,7 @@ class ContextStore(Service):
             cleanup_runs=self.cleanup_runs,
             cleaned_conversations=self.cleaned_conversations,
             cleaned_edges=self.cleaned_edges,
+            commits=self._db.committer.commits,
         )
 
     async def disk_rows(self, user: str) -> tuple[int, int]:

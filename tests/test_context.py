@@ -97,6 +97,8 @@ async def test_append_then_build_shows_the_new_turn_at_once_and_a_repeat_build_i
     stats = await store.stats()
     assert (stats.built_hits, stats.built_misses) == (4, 4)
     assert stats.built_hit_rate == pytest.approx(0.5)
+    # each append waited for its own commit: the state-file writes are counted
+    assert stats.commits == 4
 
 
 @pytest.mark.asyncio
