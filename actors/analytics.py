@@ -172,7 +172,8 @@ class AnalyticsSink(Service):
         self.maintenance_interval = min(self.config.flush_seconds, 1.0)
         self.db_path = Path(state_dir or ".raycord") / "analytics.duckdb"
         if self.config.gil_switch_interval_ms:
-            # process-wide: the sink has its actor process to itself
+            # process-wide: meant for the sink's own actor process (a sink built in
+            # process, as in tests and the bench, sets it for its host process too)
             sys.setswitchinterval(self.config.gil_switch_interval_ms / 1000)
         self.db: AnalyticsDB | None = None
         #: each appended batch as an Arrow table, converted on arrival so the conversion

@@ -173,15 +173,20 @@ async def sequential(server: FakeServerProcess, calls: int) -> dict[str, Any]:
     return out
 
 
-async def naive_call(url: str, prompt: str) -> str:
-    """The naive design: a fresh SDK client (and connection) per call, no bound, no coalescing."""
-    client = genai.Client(
+def bare_client(url: str) -> genai.Client:
+    """An SDK client on the fake server, the SDK's own retries off, nothing around it."""
+    return genai.Client(
         api_key="unused",
         vertexai=False,
         http_options=types.HttpOptions(
             base_url=url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)
         ),
     )
+
+
+async def naive_call(url: str, prompt: str) -> str:
+    """The naive design: a fresh SDK client (and connection) per call, no bound, no coalescing."""
+    client = bare_client(url)
     try:
         response = await client.aio.models.generate_content(model=MODEL, contents=prompt)
         return response.text or ""
@@ -192,13 +197,7 @@ async def naive_call(url: str, prompt: str) -> str:
 
 async def sdk_direct(server: FakeServerProcess, calls: int) -> dict[str, Any]:
     """The floor: the bare SDK, one client in this process, one call at a time, nothing else."""
-    client = genai.Client(
-        api_key="unused",
-        vertexai=False,
-        http_options=types.HttpOptions(
-            base_url=server.url, api_version="v1beta", retry_options=types.HttpRetryOptions(attempts=1)
-        ),
-    )
+    client = bare_client(server.url)
     models = client.aio.models
     try:
         await models.generate_content(model=MODEL, contents="warm-up")

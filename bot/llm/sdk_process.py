@@ -97,8 +97,7 @@ class _Child:
         self.alive = True
 
     def send(self, message: tuple[Any, ...]) -> None:
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.writer.write(_HEADER.pack(len(body)) + body)
+        self.writer.write(_frame(message))
 
 
 class SDKProcess:
@@ -283,6 +282,11 @@ def _failure(message: tuple[Any, ...]) -> Exception:
     return SDKFailure(f"{message[2]}: {message[3]}")
 
 
+def _frame(message: tuple[Any, ...]) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...]:
     (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     return pickle.loads(await reader.readexactly(size))  # from our own child or parent
@@ -334,8 +338,7 @@ async def _serve(sock: socket.socket) -> None:
     tasks: dict[int, asyncio.Task[None]] = {}
 
     def send(message: tuple[Any, ...]) -> None:
-        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        writer.write(_HEADER.pack(len(body)) + body)
+        writer.write(_frame(message))
 
     send(("ready", 0))
 
