@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from actors.analytics import AnalyticsClient, AnalyticsConfig, AnalyticsSink, event_row, rows_to_table
+from actors.analytics import (
+    AnalyticsClient,
+    AnalyticsConfig,
+    AnalyticsSink,
+    event_row,
+    rows_to_table,
+    table_to_ipc,
+)
 from actors.schemas import AnalyticsEvent
 from bench.common import ratio, write_results
 from storage.analytics_db import AnalyticsDB
 
 SIZES: dict[str, dict[str, int]] = {
     # events per design; the per-row designs are slow, so they get fewer events
-    "tiny": {"before": 50, "executemany": 100, "sink": 5_000, "actor": 5_000},
-    "full": {"before": 1_000, "executemany": 2_000, "sink": 200_000, "actor": 100_000},
+    "tiny": {"before": 50, "executemany": 100, "sink": 20_000, "actor": 5_000},
+    # the sink runs are long enough for DuckDB's checkpoints and growing key index to show
+    "full": {"before": 1_000, "executemany": 2_000, "sink": 600_000, "actor": 100_000},
 }
 
 _INSERT_ONE = "INSERT INTO events VALUES (?::UUID, make_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON)"
@@ -46,13 +55,30 @@ def make_events(n: int) -> list[AnalyticsEvent]:
     ]
 
 
-def _result(events: int, seconds: float, transactions: int) -> dict[str, float]:
-    return {
+def _result(
+    events: int, seconds: float, transactions: int, marks: list[tuple[float, int]] | None = None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "events": events,
         "seconds": seconds,
         "events_per_second": events / seconds if seconds else 0.0,
         "transactions_per_10k_events": transactions * 10_000 / events if events else 0.0,
     }
+    if marks:
+        out["events_per_second_by_quarter"] = _by_quarter(marks)
+    return out
+
+
+def _by_quarter(marks: list[tuple[float, int]]) -> list[float]:
+    """Events per second over each quarter of a run, from (seconds, events done) marks:
+    a sustained rate stays level as the table grows."""
+    total = marks[-1][1]
+    rates, last_t, last_n = [], 0.0, 0
+    for q in (1, 2, 3, 4):
+        t, n = next(m for m in marks if m[1] >= total * q / 4)
+        rates.append((n - last_n) / (t - last_t) if t > last_t else 0.0)
+        last_t, last_n = t, n
+    return rates
 
 
 def bench_before(rows: list[tuple[Any, ...]], path: Path) -> dict[str, float]:
@@ -83,46 +109,60 @@ def bench_executemany(rows: list[tuple[Any, ...]], path: Path, flush_events: int
 
 def bench_storage_ceiling(rows: list[tuple[Any, ...]], path: Path, flush_events: int) -> dict[str, float]:
     """The storage layer alone: Arrow tables built beforehand, inserted by the sink's own
-    statement (`INSERT OR IGNORE` on the event-id key). What the sink could reach at best."""
-    db = AnalyticsDB(path)
+    statements with its checkpoint setting. What the sink could reach at best."""
+    config = AnalyticsConfig()
+    db = AnalyticsDB(
+        path, checkpoint_bytes=config.checkpoint_wal_mb * 1024 * 1024, threads=config.duckdb_threads
+    )
     tables = [rows_to_table(rows[i : i + flush_events]) for i in range(0, len(rows), flush_events)]
+    marks: list[tuple[float, int]] = []
     start = time.perf_counter()
     for table in tables:
         db.insert_batch(table)
+        marks.append((time.perf_counter() - start, len(marks) * flush_events + table.num_rows))
     seconds = time.perf_counter() - start
     transactions = db.transactions
     db.close()
-    return _result(len(rows), seconds, transactions)
+    return _result(len(rows), seconds, transactions, marks)
 
 
 async def bench_sink(
     rows: list[tuple[Any, ...]], state_dir: Path, config: AnalyticsConfig
 ) -> dict[str, float]:
-    """The sink in-process, fed client-sized batches with the client's in-flight bound."""
+    """The sink in-process, fed client-sized batches with the client's in-flight bound, as
+    the Arrow tables the client converts them to (that conversion is the front-end's cost,
+    reported by `bench_record`)."""
     sink = AnalyticsSink(config, state_dir=state_dir)
     room = asyncio.Semaphore(config.client_max_inflight)
     batch = config.client_batch_events
+    tables = [rows_to_table(rows[i : i + batch]) for i in range(0, len(rows), batch)]
+    marks: list[tuple[float, int]] = []
+    done = 0
 
-    async def send(chunk: list[tuple[Any, ...]]) -> None:
+    async def send(table: Any) -> None:
+        nonlocal done
         async with room:
-            await sink.append_batch(chunk)
+            await sink.append_batch(table)
+            done += table.num_rows
+            marks.append((time.perf_counter() - start, done))
 
     start = time.perf_counter()
-    await asyncio.gather(*(send(rows[i : i + batch]) for i in range(0, len(rows), batch)))
+    await asyncio.gather(*(send(t) for t in tables))
     await sink.flush()
     seconds = time.perf_counter() - start
     stats = await sink.stats()
     await sink.close()
     assert stats.committed == len(rows), stats
-    return _result(len(rows), seconds, stats.transactions)
+    return _result(len(rows), seconds, stats.transactions, marks)
 
 
 def bench_record(events: list[AnalyticsEvent], repeats: int = 5) -> dict[str, float]:
     """The front-end's cost per event, alone on the loop (no sink, the sender not yet run):
-    `record()` of a built event, and building (validating) one and recording it. Best of
-    `repeats`, since other processes share the cores."""
+    `record()` of a built event, and building (validating) one and recording it; then,
+    off the reply path, the sender's conversion of each batch to Arrow. Best of `repeats`,
+    since other processes share the cores."""
 
-    async def once() -> tuple[float, float]:
+    async def once() -> tuple[float, float, float]:
         # the client's sender task is created but never runs: nothing yields in here,
         # and `asyncio.run` cancels it on the way out
         client = AnalyticsClient([None], AnalyticsConfig(client_batch_events=len(events) * 2 + 1))
@@ -142,24 +182,28 @@ def bench_record(events: list[AnalyticsEvent], repeats: int = 5) -> dict[str, fl
                 )
             )
         built = time.perf_counter() - start
-        assert client.stats_local().buffered == 2 * len(events)
-        return recorded / len(events), built / len(events)
+        buffered = client._buffer
+        assert len(buffered) == 2 * len(events)
+        step = AnalyticsConfig().client_batch_events
+        start = time.perf_counter()
+        for i in range(0, len(buffered), step):
+            table_to_ipc(rows_to_table(buffered[i : i + step]))
+        converted = time.perf_counter() - start
+        return recorded / len(events), built / len(events), converted / len(buffered)
 
     runs = [asyncio.run(once()) for _ in range(repeats)]
     return {
         "events": len(events),
-        "record_us": min(r for r, _ in runs) * 1e6,
-        "build_and_record_us": min(b for _, b in runs) * 1e6,
-        "record_us_median": sorted(r for r, _ in runs)[len(runs) // 2] * 1e6,
+        "record_us": min(r[0] for r in runs) * 1e6,
+        "build_and_record_us": min(r[1] for r in runs) * 1e6,
+        "record_us_median": sorted(r[0] for r in runs)[len(runs) // 2] * 1e6,
+        # per event, in the sender task after the reply: rows to the Arrow IPC stream it ships
+        "convert_to_arrow_us": min(r[2] for r in runs) * 1e6,
     }
 
 
-async def bench_actor(
-    events: list[AnalyticsEvent], state_dir: Path, config: AnalyticsConfig
-) -> dict[str, Any]:
-    """The whole path: `AnalyticsClient.record` → batches → sink actor → DuckDB commit."""
-    import ray
-
+def _sink_actor(state_dir: Path, config: AnalyticsConfig) -> tuple[list[Any], bool]:
+    """The analytics service as the bot starts it: (its handles, whether Ray was started here)."""
     from bot.config import Settings
     from bot.runtime import SERVICES, init_ray, service_handles
 
@@ -171,7 +215,60 @@ async def bench_actor(
     )
     owns_ray = init_ray(settings, num_cpus=2, include_dashboard=False)
     spec = next(s for s in SERVICES if s.name == "analytics")
-    handles = service_handles(settings, spec)
+    return service_handles(settings, spec), owns_ray
+
+
+async def _stop_sink_actor(handles: list[Any], owns_ray: bool) -> None:
+    import ray
+
+    await handles[0].close.remote()
+    ray.kill(handles[0], no_restart=True)
+    if owns_ray:
+        ray.shutdown()
+
+
+async def bench_sink_actor(
+    rows: list[tuple[Any, ...]], state_dir: Path, config: AnalyticsConfig
+) -> dict[str, Any]:
+    """The sink actor's sustained rate: client-sized batches, as the Arrow IPC streams
+    clients send, from this process, `client_max_inflight` at a time, through Ray into
+    DuckDB. Building the events is left out: that is the front-ends' cost, and several
+    front-ends may feed one sink."""
+    handles, owns_ray = _sink_actor(state_dir, config)
+    batch = config.client_batch_events
+    batches = [table_to_ipc(rows_to_table(rows[i : i + batch])) for i in range(0, len(rows), batch)]
+    room = asyncio.Semaphore(config.client_max_inflight)
+    marks: list[tuple[float, int]] = []
+    done = 0
+
+    async def send(ipc: bytes) -> None:
+        nonlocal done
+        async with room:
+            added = await handles[0].append_batch.remote(ipc)
+            done += added
+            marks.append((time.perf_counter() - start, done))
+
+    try:
+        await handles[0].ping.remote()
+        start = time.perf_counter()
+        await asyncio.gather(*(send(b) for b in batches))
+        seconds = time.perf_counter() - start
+        stats = await handles[0].stats.remote()
+        assert stats.committed == len(rows), stats
+        out = _result(len(rows), seconds, stats.transactions, marks)
+        out["mean_flush_size"] = stats.mean_flush_size
+        out["max_commit_ms"] = stats.max_commit_ms
+        return out
+    finally:
+        await _stop_sink_actor(handles, owns_ray)
+
+
+async def bench_actor(
+    events: list[AnalyticsEvent], state_dir: Path, config: AnalyticsConfig
+) -> dict[str, Any]:
+    """The whole path from one front-end: `AnalyticsClient.record` → batches → sink actor
+    → DuckDB commit."""
+    handles, owns_ray = _sink_actor(state_dir, config)
     client = AnalyticsClient(handles, config, state_dir=state_dir)
     try:
         await handles[0].ping.remote()
@@ -214,10 +311,7 @@ async def bench_actor(
         return out
     finally:
         await client.close()
-        await handles[0].close.remote()
-        ray.kill(handles[0], no_restart=True)
-        if owns_ray:
-            ray.shutdown()
+        await _stop_sink_actor(handles, owns_ray)
 
 
 async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
@@ -227,6 +321,10 @@ async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
     rows = [event_row(e) for e in events]
     # pyarrow imports its pandas shim on the first conversion (seconds here): not ingest time
     rows_to_table(rows[:10])
+    # the fixture (a million events and rows) is no part of what is measured: frozen, it
+    # is not walked by every full collection this process makes while it drives the sink
+    gc.collect()
+    gc.freeze()
     # the machine is shared: the load average says how much of it this run had
     results: dict[str, Any] = {
         "size": size,
@@ -242,6 +340,9 @@ async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
     )
     results["sink_in_process"] = await bench_sink(rows[: n["sink"]], work / "sink", config)
     if with_actor:
+        results["sink_actor_arrow_batches"] = await bench_sink_actor(
+            rows[: n["sink"]], work / "actor-batches", config
+        )
         results["sink_actor_end_to_end"] = await bench_actor(events[: n["actor"]], work / "actor", config)
     ours = results["sink_in_process"]["events_per_second"]
     results["ratios"] = {
@@ -253,18 +354,24 @@ async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
         "sink_vs_storage_ceiling_events_per_second": ours
         / results["storage_ceiling_arrow_insert"]["events_per_second"],
     }
+    if with_actor:
+        results["ratios"]["sink_actor_vs_storage_ceiling_events_per_second"] = (
+            results["sink_actor_arrow_batches"]["events_per_second"]
+            / results["storage_ceiling_arrow_insert"]["events_per_second"]
+        )
     results["targets"] = {
         "events_per_second_min": 50_000,
         "transactions_per_10k_max": 20,
         "record_us_max": 20,
     }
     results["load_average_1m_at_end"] = os.getloadavg()[0]
+    gc.unfreeze()
     return results
 
 
 def run(size: str = "full", results_dir: Path | None = None, with_actor: bool = True) -> dict[str, Any]:
     # first, alone: the front-end's cost per event, before any database or actor runs
-    record = bench_record(make_events(SIZES[size]["sink"] // 10))
+    record = bench_record(make_events(20_000 if size == "full" else 500))
     with tempfile.TemporaryDirectory(prefix="analytics-bench-") as tmp:
         results = asyncio.run(_run(size, Path(tmp), with_actor))
     results["record_in_isolation"] = record

@@ -182,7 +182,7 @@ class AnalyticsDB:
             missing parent, or another process holds its lock).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, checkpoint_bytes: int | None = None, threads: int | None = None) -> None:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +194,10 @@ class AnalyticsDB:
             # queries are operator-supplied: no file, network or extension access from
             # SQL (the sink's own inserts read registered Arrow tables, not files)
             self.conn.execute("SET enable_external_access = false").fetchall()
+            if threads:
+                self.conn.execute(f"SET threads = {int(threads)}").fetchall()
+            if checkpoint_bytes is not None:
+                self.conn.execute(f"SET checkpoint_threshold = '{int(checkpoint_bytes)}B'").fetchall()
             self.conn.execute("SET lock_configuration = true").fetchall()
         except duckdb.Error as exc:
             self.conn.close()

@@ -23,7 +23,15 @@ import pytest
 import pytest_asyncio
 import ray
 
-from actors.analytics import AnalyticsBusy, AnalyticsClient, AnalyticsConfig, AnalyticsSink, event_row
+from actors.analytics import (
+    AnalyticsBusy,
+    AnalyticsClient,
+    AnalyticsConfig,
+    AnalyticsSink,
+    event_row,
+    rows_to_table,
+    table_to_ipc,
+)
 from actors.schemas import AnalyticsEvent
 from bot.analytics_cli import analytics_client
 from bot.cli import main
@@ -100,6 +108,29 @@ async def test_many_appends_are_committed_in_few_transactions(tmp_path: Path) ->
     stats = await sink.stats()
     assert stats.committed == 4_000
     assert stats.transactions <= 5
+    await sink.close()
+
+
+@pytest.mark.asyncio
+async def test_the_clients_arrow_ipc_batches_are_stored_and_a_malformed_batch_fails_alone(
+    tmp_path: Path,
+) -> None:
+    sink = AnalyticsSink(state_dir=tmp_path)
+    ipc_rows, table_rows = rows_for(20, server_id="s1"), rows_for(5, server_id="s2")
+    other_schema = rows_to_table(rows_for(1)).drop_columns(["payload"])
+    with pytest.raises(ValueError, match="not an Arrow IPC stream"):
+        await sink.append_batch(b"not arrow")
+    with pytest.raises(ValueError, match=r"lacks columns \['payload'\]"):
+        await sink.append_batch(table_to_ipc(other_schema))
+    await asyncio.gather(
+        sink.append_batch(table_to_ipc(rows_to_table(ipc_rows))),
+        sink.append_batch(rows_to_table(table_rows)),
+        sink.flush(),
+    )
+    result = await sink.query("SELECT server_id, count(*) FROM events GROUP BY ALL ORDER BY 1")
+    assert result.rows == [("s1", 20), ("s2", 5)]
+    stats = await sink.stats()
+    assert (stats.received, stats.committed) == (25, 25)
     await sink.close()
 
 
