@@ -8,8 +8,10 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from actors.errors import InputRejected, UpstreamUnavailable
 from bot.config import LLMSettings, Settings
@@ -334,3 +336,46 @@ async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
     assert sdk.in_flight == 0
     # the process is still serving after the cancelled stream
     assert "you said: next" in (await llm.generate(ask("next"))).text
+
+
+@pytest.mark.asyncio
+async def test_calls_go_through_the_proxy_the_environment_names(
+    server: FakeGemini, make_llm: MakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the SDK's session no longer reads the environment on every request: the backend
+    # looks the proxy up once, and its SDK process sends every call through it
+    proxied: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        proxied.append(str(request.url))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method,
+                server.base_url + request.path_qs,
+                data=await request.read(),
+                headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+            ) as upstream,
+        ):
+            return web.Response(
+                status=upstream.status, body=await upstream.read(), content_type=upstream.content_type
+            )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    try:
+        llm = make_llm()
+        result = await llm.generate(ask("through the proxy"))
+        assert "you said: through the proxy" in result.text
+        assert len(proxied) == 1 and proxied[0].startswith(server.base_url)
+        assert server.calls == 1
+    finally:
+        await runner.cleanup()

@@ -24,7 +24,7 @@ from actors.metrics import LATENCY_MS_BOUNDARIES, counter, gauge, histogram
 from bot.config import Settings
 from bot.llm.base import ImagePart, LLMRequest, LLMResult, LLMStream, check_images
 from bot.llm.resilience import Backoff, CircuitBreaker, ConcurrencyGate, SingleFlight
-from bot.llm.sdk_process import Chunk, SDKOptions, SDKProcess
+from bot.llm.sdk_process import Chunk, SDKOptions, SDKProcess, env_proxy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,12 @@ class GeminiLLM:
         if key is None and cfg.base_url is None:
             raise ValueError("the Gemini backend needs GEMINI_API_KEY (or GOOGLE_API_KEY) or llm.base_url")
         # a local fake server or a keyed proxy accepts any key
-        options = SDKOptions(api_key=key or "unused", base_url=cfg.base_url, api_version=cfg.api_version)
+        options = SDKOptions(
+            api_key=key or "unused",
+            base_url=cfg.base_url,
+            api_version=cfg.api_version,
+            proxy=env_proxy(cfg.base_url),
+        )
         # each process holds one SDK client, reused for every call (its connection pool)
         self._sdks = [SDKProcess(options, name=f"gemini-sdk-{i}") for i in range(cfg.sdk_processes)]
         self._generation = {"temperature": cfg.temperature, "max_output_tokens": cfg.max_output_tokens}

@@ -37,12 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from google import genai
 from google.genai import errors, types
+from yarl import URL
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">I")
+#: where the SDK sends requests when no base URL is configured
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 #: what the fork server imports once, so that each child starts in milliseconds: importing
 #: the SDK takes 4-7 s of CPU here, and a child is started per backend and after a crash
 _PRELOAD = ["google.genai", "aiohttp", __name__]
@@ -77,6 +81,21 @@ class SDKOptions:
     api_key: str = field(repr=False)
     base_url: str | None
     api_version: str
+    #: the HTTP(S) proxy for the API's host, from the bot's environment (`env_proxy`)
+    proxy: str | None = field(default=None, repr=False)
+
+
+def env_proxy(base_url: str | None) -> str | None:
+    """The proxy the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`...) gives for the
+    API's host, credentials included, or None. Looked up in the bot's process when the
+    backend is made: the SDK's children fork from a server started earlier."""
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(base_url or DEFAULT_BASE_URL))
+    except LookupError:
+        return None
+    if auth is not None:
+        proxy = proxy.with_user(auth.login).with_password(auth.password)
+    return str(proxy)
 
 
 class SDKFailure(RuntimeError):
@@ -320,16 +339,37 @@ def _enum_name(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+def _http_session(proxy: str | None) -> aiohttp.ClientSession:
+    """The SDK's connection pool, made here rather than by the SDK.
+
+    The SDK's own session has `trust_env=True`, so aiohttp looks up `~/.netrc` and the
+    proxy variables on a worker thread for every request: two thread hops that took about
+    half of the SDK's CPU per call here (17 ms against 8 ms, and 20 against 10 ms of wall
+    time, against the fake server at no latency). The proxy comes from `env_proxy`, looked
+    up once; netrc, which an API key does not use, not at all.
+    """
+    return aiohttp.ClientSession(
+        # as the SDK makes it: no limit on connections (the backend bounds calls), a 4 MiB
+        # read buffer for large responses
+        connector=aiohttp.TCPConnector(limit=0),
+        read_bufsize=2**22,
+        trust_env=False,
+        proxy=proxy,
+    )
+
+
 async def _serve(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_connection(sock=sock)
     kind, options = await _read_frame(reader)
     if kind != "init":
         raise SystemExit(f"expected init, got {kind!r}")
+    session = _http_session(options.proxy)
     http_options = types.HttpOptions(
         api_version=options.api_version,
         # attempts=1 turns off the SDK's own retries (including its implicit retry of
         # connection errors): the parent's retries, deadline and breaker are the only ones
         retry_options=types.HttpRetryOptions(attempts=1),
+        aiohttp_client=session,
     )
     if options.base_url:
         http_options.base_url = options.base_url
@@ -389,6 +429,7 @@ async def _serve(sock: socket.socket) -> None:
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         with contextlib.suppress(Exception):
             await client.aio.aclose()
+        await session.close()  # ours: the SDK closes only the sessions it made
         writer.close()
 
 
