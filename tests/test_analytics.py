@@ -277,6 +277,29 @@ async def test_sampled_events_store_weight_one_over_rate(shared_settings: Settin
 
 
 @pytest.mark.asyncio
+async def test_a_backlog_goes_out_in_bigger_calls_and_each_event_is_stored_once(
+    shared_settings: Settings,
+) -> None:
+    tag = uuid.uuid4().hex
+    config = AnalyticsConfig(client_batch_events=10, client_max_batch_events=40)
+    client = AnalyticsClient(analytics_client(shared_settings).handles, config, shared_settings.state_dir)
+    # 100 events recorded before the sender runs: a backlog of ten batches' worth
+    for i in range(100):
+        client.record(AnalyticsEvent(type="message", server_id=tag, user_id=f"u{i}"))
+    await client.flush()
+    # then one batch's worth, sent on its own as soon as it is there
+    for i in range(10):
+        client.record(AnalyticsEvent(type="message", server_id=tag, user_id=f"late{i}"))
+    await client.close()
+    local = client.stats_local()
+    assert (local.sent, local.committed, local.batches_sent) == (110, 110, 4)  # 40 + 40 + 20, 10
+    result = await client.query(
+        f"SELECT count(*), count(DISTINCT user_id) FROM events WHERE server_id = '{tag}'"
+    )
+    assert result.rows == [(110, 110)]
+
+
+@pytest.mark.asyncio
 async def test_counters_are_stored_as_one_row_per_server_and_minute(
     shared_settings: Settings, clock: FakeClock
 ) -> None:
