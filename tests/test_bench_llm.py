@@ -25,5 +25,6 @@ def test_the_llm_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert lag["upstream_calls"] == lag["streams"] == 40
     assert lag["lag"]["n"] > 0 and lag["lag"]["p99_ms"] >= 0
     assert results["sequential_before"]["calls_per_s"] > 0
+    assert results["sequential_before"]["first_call_ms"] > 0
     assert results["speedup_vs_sequential"] > 0
     assert results["sdk_direct_sequential"]["upstream_calls"] == 4

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +18,7 @@ from aiohttp import web
 
 from actors.errors import InputRejected, UpstreamUnavailable
 from bot.config import LLMSettings, Settings
-from bot.llm import ImagePart, LLMRequest
+from bot.llm import ImagePart, LLMRequest, sdk_process
 from bot.llm.fake_server import FakeGemini, FakeGeminiConfig
 from bot.llm.gemini import GeminiLLM, UpstreamCoolingDown
 from tests.conftest import FakeClock
@@ -379,3 +382,24 @@ async def test_calls_go_through_the_proxy_the_environment_names(
         assert server.calls == 1
     finally:
         await runner.cleanup()
+
+
+def test_the_sdk_processes_fork_server_builds_the_sdks_models_before_any_call() -> None:
+    # in a fresh interpreter, as in the fork server: the SDK's import leaves models to be
+    # built on their first use (by a first call), and the preload builds them all
+    script = (
+        "import pydantic\n"
+        "from google.genai import types\n"
+        "def unbuilt():\n"
+        "    return sum(1 for o in vars(types).values() if isinstance(o, type)"
+        " and issubclass(o, pydantic.BaseModel) and not o.__pydantic_complete__)\n"
+        "before = unbuilt()\n"
+        "import bot.llm.sdk_preload\n"
+        "print(before, unbuilt())\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before > 0
+    assert after == 0
+    assert "bot.llm.sdk_preload" in sdk_process._PRELOAD

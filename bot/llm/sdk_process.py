@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 #: where the SDK sends requests when no base URL is configured
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
-#: what the fork server imports once, so that each child starts in milliseconds: importing
-#: the SDK takes 4-7 s of CPU here, and a child is started per backend and after a crash
-_PRELOAD = ["google.genai", "aiohttp", __name__]
+#: what the fork server imports once, so that each child starts in milliseconds and makes
+#: its first call without building the SDK's models: importing the SDK takes 4-7 s of CPU
+#: here, building its models ~1 s, and a child is started per backend and after a crash
+_PRELOAD = ["google.genai", "aiohttp", __name__, "bot.llm.sdk_preload"]
 _context: multiprocessing.context.ForkServerContext | None = None
 
 
