@@ -50,6 +50,11 @@ RATELIMIT_SHARDS = 2
 #: bounds on the polls of cross-process state, in seconds
 RESTART_TIMEOUT = 90.0
 METRICS_TIMEOUT = 45.0
+#: how long the traffic waits for one message: longer than a client keeps retrying a
+#: replica that is down (`ShardedClient.retry_seconds`) plus the time Ray takes to notice
+#: the dead node, so the test sees the client's own outcome (an answer, or the retryable
+#: `ServiceUnavailable`), never this harness giving up first
+MESSAGE_TIMEOUT = 90.0
 #: restarts allowed to move a rate-limit shard off the head node
 MAX_MOVES = 8
 
@@ -154,7 +159,9 @@ class Traffic:
         while not self.stop.is_set():
             n += 1
             try:
-                await asyncio.wait_for(self.pipeline.handle(message(f"flow-{n}", f"question {n}")), 30)
+                await asyncio.wait_for(
+                    self.pipeline.handle(message(f"flow-{n}", f"question {n}")), MESSAGE_TIMEOUT
+                )
                 self.outcomes["ok"] += 1
             except ServiceUnavailable:
                 self.outcomes["service_unavailable"] += 1
