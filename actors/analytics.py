@@ -169,6 +169,15 @@ def events_table(events: bytes | pa.Table | Sequence[EventRow]) -> pa.Table:
         raise ValueError(f"event table does not fit the events schema: {exc}") from None
 
 
+def open_db(path: Path, config: AnalyticsConfig) -> AnalyticsDB:
+    """The analytics database with the sink's DuckDB settings (checkpoints, threads).
+
+    Raises:
+        AnalyticsStorageError: the file cannot be opened.
+    """
+    return AnalyticsDB(path, checkpoint_bytes=config.checkpoint_wal_mb * 2**20, threads=config.duckdb_threads)
+
+
 def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
     columns = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
@@ -224,7 +233,6 @@ class AnalyticsSink(Service):
         self.shard = shard
         self.maintenance_interval = min(self.config.flush_seconds, 1.0)
         self.db_path = Path(state_dir or ".raycord") / "analytics.duckdb"
-        self.checkpoint_bytes = self.config.checkpoint_wal_mb * 1024 * 1024
         if self.config.gil_switch_interval_ms:
             # process-wide: meant for the sink's own actor process (a sink built in
             # process, as in tests and the bench, sets it for its host process too)
@@ -263,9 +271,7 @@ class AnalyticsSink(Service):
     def _open(self) -> AnalyticsDB:
         if self.db is None:
             try:
-                self.db = AnalyticsDB(
-                    self.db_path, checkpoint_bytes=self.checkpoint_bytes, threads=self.config.duckdb_threads
-                )
+                self.db = open_db(self.db_path, self.config)
             except AnalyticsStorageError as exc:
                 self.storage_errors += 1
                 self.last_error = str(exc)
