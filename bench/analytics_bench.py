@@ -13,6 +13,7 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from actors.analytics import (
     AnalyticsConfig,
     AnalyticsSink,
     event_row,
+    open_db,
     rows_to_table,
     table_to_ipc,
 )
@@ -73,11 +75,16 @@ def _by_quarter(marks: list[tuple[float, int]]) -> list[float]:
     """Events per second over each quarter of a run, from (seconds, events done) marks:
     a sustained rate stays level as the table grows."""
     total = marks[-1][1]
-    rates, last_t, last_n = [], 0.0, 0
+    rates: list[float] = []
+    last_t, last_n = 0.0, 0
     for q in (1, 2, 3, 4):
         t, n = next(m for m in marks if m[1] >= total * q / 4)
-        rates.append((n - last_n) / (t - last_t) if t > last_t else 0.0)
-        last_t, last_n = t, n
+        if n > last_n:
+            rates.append((n - last_n) / (t - last_t) if t > last_t else 0.0)
+            last_t, last_n = t, n
+        else:
+            # one acknowledgement (one commit) covered this quarter and the last: its rate
+            rates.append(rates[-1])
     return rates
 
 
@@ -107,13 +114,30 @@ def bench_executemany(rows: list[tuple[Any, ...]], path: Path, flush_events: int
     return _result(len(rows), seconds, transactions)
 
 
+async def _feed(
+    batches: Sequence[Any], inflight: int, append: Callable[[Any], Awaitable[int]]
+) -> list[tuple[float, int]]:
+    """Append every batch, `inflight` at a time, as a client does; (seconds since the start,
+    events acknowledged) after each acknowledgement."""
+    room = asyncio.Semaphore(inflight)
+    marks: list[tuple[float, int]] = []
+    done = 0
+    start = time.perf_counter()
+
+    async def send(batch: Any) -> None:
+        nonlocal done
+        async with room:
+            done += await append(batch)
+            marks.append((time.perf_counter() - start, done))
+
+    await asyncio.gather(*(send(b) for b in batches))
+    return marks
+
+
 def bench_storage_ceiling(rows: list[tuple[Any, ...]], path: Path, flush_events: int) -> dict[str, float]:
     """The storage layer alone: Arrow tables built beforehand, inserted by the sink's own
     statements with its checkpoint setting. What the sink could reach at best."""
-    config = AnalyticsConfig()
-    db = AnalyticsDB(
-        path, checkpoint_bytes=config.checkpoint_wal_mb * 1024 * 1024, threads=config.duckdb_threads
-    )
+    db = open_db(path, AnalyticsConfig())
     tables = [rows_to_table(rows[i : i + flush_events]) for i in range(0, len(rows), flush_events)]
     marks: list[tuple[float, int]] = []
     start = time.perf_counter()
@@ -133,21 +157,10 @@ async def bench_sink(
     the Arrow tables the client converts them to (that conversion is the front-end's cost,
     reported by `bench_record`)."""
     sink = AnalyticsSink(config, state_dir=state_dir)
-    room = asyncio.Semaphore(config.client_max_inflight)
     batch = config.client_batch_events
     tables = [rows_to_table(rows[i : i + batch]) for i in range(0, len(rows), batch)]
-    marks: list[tuple[float, int]] = []
-    done = 0
-
-    async def send(table: Any) -> None:
-        nonlocal done
-        async with room:
-            await sink.append_batch(table)
-            done += table.num_rows
-            marks.append((time.perf_counter() - start, done))
-
     start = time.perf_counter()
-    await asyncio.gather(*(send(t) for t in tables))
+    marks = await _feed(tables, config.client_max_inflight, sink.append_batch)
     await sink.flush()
     seconds = time.perf_counter() - start
     stats = await sink.stats()
@@ -238,21 +251,14 @@ async def bench_sink_actor(
     # a client under sustained load has a backlog, so it sends full calls
     batch = max(config.client_batch_events, config.client_max_batch_events)
     batches = [table_to_ipc(rows_to_table(rows[i : i + batch])) for i in range(0, len(rows), batch)]
-    room = asyncio.Semaphore(config.client_max_inflight)
-    marks: list[tuple[float, int]] = []
-    done = 0
 
-    async def send(ipc: bytes) -> None:
-        nonlocal done
-        async with room:
-            added = await handles[0].append_batch.remote(ipc)
-            done += added
-            marks.append((time.perf_counter() - start, done))
+    async def append(ipc: bytes) -> int:
+        return int(await handles[0].append_batch.remote(ipc))
 
     try:
         await handles[0].ping.remote()
         start = time.perf_counter()
-        await asyncio.gather(*(send(b) for b in batches))
+        marks = await _feed(batches, config.client_max_inflight, append)
         seconds = time.perf_counter() - start
         stats = await handles[0].stats.remote()
         assert stats.committed == len(rows), stats
