@@ -89,6 +89,8 @@ class RunResult:
     empty_call_ms: float = 0.0
     #: prompt tokens sent upstream: the conversation context each request carries
     tokens_in: int = 0
+    #: CPU seconds each process spent during the run, and the whole machine's busy seconds
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]
@@ -123,6 +125,13 @@ class RunResult:
             "round_trips_per_reply": self.round_trips / len(ok) if ok else 0.0,
             "empty_actor_call_p50_ms": self.empty_call_ms,
             "llm_tokens_in_per_call": self.tokens_in / self.llm_calls if self.llm_calls else 0.0,
+            # where the CPU went: ms of CPU per reply, per process ("machine" is every
+            # process on it, Ray's own and the fake Gemini server included)
+            "cpu_ms_per_reply": {
+                label: 1000 * seconds / len(ok) for label, seconds in self.cpu_seconds.items()
+            }
+            if ok
+            else {},
         }
 
 
@@ -178,8 +187,31 @@ async def _sample_rss(
         await asyncio.sleep(every)
 
 
-async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str, int]) -> RunResult:
-    """Run the simulated users against `pipeline` for `cfg.duration` seconds."""
+def _busy_seconds() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    snap = {"machine": _busy_seconds()}
+    for label, pid in pids.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        snap[label] = times.user + times.system
+    return snap
+
+
+async def drive(
+    pipeline: Pipeline,
+    cfg: LoadConfig,
+    label: str,
+    pids: dict[str, int],
+    cpu_only: dict[str, int] | None = None,
+) -> RunResult:
+    """Run the simulated users against `pipeline` for `cfg.duration` seconds. `pids` are
+    sampled for RSS and CPU, `cpu_only` (processes not ours, like the fake server) for CPU."""
     result = RunResult(label)
     workload = Workload(cfg)
     run_id = uuid.uuid4().hex[:6]
@@ -228,8 +260,11 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
 
     sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0))
     tick = asyncio.create_task(ticker())
+    cpu_before = _cpu_snapshot({**pids, **(cpu_only or {})})
     await asyncio.gather(*(user(i) for i in range(cfg.users)))
     result.elapsed = time.perf_counter() - t0 - cfg.ramp_up * 0.5
+    cpu_after = _cpu_snapshot({**pids, **(cpu_only or {})})
+    result.cpu_seconds = {k: cpu_after[k] - v for k, v in cpu_before.items() if k in cpu_after}
     for task in (sampler, tick):
         task.cancel()
     if bar is not None:
@@ -238,8 +273,9 @@ async def drive(pipeline: Pipeline, cfg: LoadConfig, label: str, pids: dict[str,
 
 
 @asynccontextmanager
-async def fake_gemini(latency: float) -> AsyncIterator[str]:
-    """`raycord fake-gemini` in a process of its own (so it does not share our event loop)."""
+async def fake_gemini(latency: float) -> AsyncIterator[tuple[str, int]]:
+    """`raycord fake-gemini` in a process of its own (so it does not share our event loop):
+    its URL and pid."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -257,7 +293,7 @@ async def fake_gemini(latency: float) -> AsyncIterator[str]:
         line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
         if "listening on" not in line:
             raise RuntimeError(f"fake gemini did not start: {line!r}")
-        yield line.rsplit(" ", 1)[-1].strip()
+        yield line.rsplit(" ", 1)[-1].strip(), proc.pid
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
@@ -303,17 +339,18 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
     from bot.runtime import Runtime
 
     results: dict[str, RunResult] = {}
-    async with fake_gemini(cfg.llm_latency) as url:
+    async with fake_gemini(cfg.llm_latency) as (url, server_pid):
         llm = gemini_llm(url, cfg.llm_concurrency)
         runtime = Runtime(load_settings(state_dir / "raycord"), llm=llm)
         pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
         pids = {"driver": os.getpid(), **_sdk_pids(llm)}
+        cpu_only = {"fake-gemini": server_pid}
         for name, handles in runtime.handles.items():
             for i, h in enumerate(handles):
                 pids[f"{name}-{i}"] = await h.__ray_call__.remote(lambda self: os.getpid())
         empty_call_ms = await _empty_call_p50(runtime.handles["cache"][0])
         try:
-            ours = await drive(pipeline, cfg, "raycord", pids)
+            ours = await drive(pipeline, cfg, "raycord", pids, cpu_only)
             ours.empty_call_ms = empty_call_ms
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
@@ -332,7 +369,9 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         naive = NaivePipeline(state_dir / "naive", naive_llm, per_minute=100_000)
         try:
             await naive_llm.start()  # type: ignore[attr-defined]
-            before = await drive(naive, cfg, "naive", {"driver": os.getpid(), **_sdk_pids(naive_llm)})
+            before = await drive(
+                naive, cfg, "naive", {"driver": os.getpid(), **_sdk_pids(naive_llm)}, cpu_only
+            )
             before.llm_calls, before.coalesced = llm_counts(naive_llm)
             before.tokens_in = naive_llm.stats().tokens_in
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
@@ -456,6 +495,12 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
     for q in ("p50", "p95", "p99"):
         a, b = ours["overhead_ms"][q], naive["overhead_ms"][q]
         lines.append(f"| overhead excl. LLM {q} (ms) | {a:.2f} | {b:.2f} | {a / b if b else 0:.3g} |")
+    for proc in sorted(set(ours["cpu_ms_per_reply"]) | set(naive["cpu_ms_per_reply"])):
+        a, b = ours["cpu_ms_per_reply"].get(proc), naive["cpu_ms_per_reply"].get(proc)
+        lines.append(
+            f"| CPU per reply, {proc} (ms) | {'-' if a is None else f'{a:.1f}'} | "
+            f"{'-' if b is None else f'{b:.1f}'} | - |"
+        )
     lines += [
         "",
         f"Throughput {ratios['throughput_x']:.2f}x the naive pipeline; p95 latency ratio "

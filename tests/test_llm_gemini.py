@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -384,6 +385,14 @@ async def test_calls_go_through_the_proxy_the_environment_names(
         await runner.cleanup()
 
 
+def _fresh_interpreter(script: str) -> str:
+    """What `script` prints, run in a new interpreter from the repository's root."""
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+
+
 def test_the_sdk_processes_fork_server_builds_the_sdks_models_before_any_call() -> None:
     # in a fresh interpreter, as in the fork server: the SDK's import leaves models to be
     # built on their first use (by a first call), and the preload builds them all
@@ -397,9 +406,36 @@ def test_the_sdk_processes_fork_server_builds_the_sdks_models_before_any_call() 
         "import bot.llm.sdk_preload\n"
         "print(before, unbuilt())\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
-    before, after = map(int, out.stdout.split())
+    before, after = map(int, _fresh_interpreter(script).split())
     assert before > 0
     assert after == 0
     assert "bot.llm.sdk_preload" in sdk_process._PRELOAD
+
+
+def test_the_sdk_processes_fast_model_membership_gives_pydantics_answers() -> None:
+    # in a fresh interpreter, as in an SDK process: `in` on the SDK's models answers as
+    # pydantic's scan did, for every field name, every (name, value) pair and a stranger,
+    # and the SDK's request converter builds the same wire request from the same history
+    script = (
+        "import json\n"
+        "from google.genai import _common, models, types\n"
+        "from bot.llm.sdk_process import fast_model_membership\n"
+        "part = types.Part(text='hi', thought=False)\n"
+        "content = types.Content(role='user', parts=[part])\n"
+        "probes = [(m, k) for m in (part, content) for k in [*type(m).model_fields, 'nope']]\n"
+        "probes += [(m, pair) for m in (part, content) for pair in m]\n"
+        "probes += [(part, ('text', 'other')), (part, 3)]\n"
+        "def answers():\n"
+        "    return [k in m for m, k in probes]\n"
+        "def wire():\n"
+        "    return json.dumps(models._Content_to_mldev(content), sort_keys=True)\n"
+        "before, wire_before = answers(), wire()\n"
+        "fast_model_membership()\n"
+        "assert '__contains__' in vars(_common.BaseModel)\n"
+        "print(json.dumps([before, answers(), wire_before, wire()]))\n"
+    )
+    before, after, wire_before, wire_after = json.loads(_fresh_interpreter(script))
+    assert after == before
+    assert True in before and False in before  # the probes cover both answers
+    assert wire_after == wire_before
+    assert '"text": "hi"' in wire_after

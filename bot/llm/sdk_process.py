@@ -434,6 +434,29 @@ async def _serve(sock: socket.socket) -> None:
         writer.close()
 
 
+def _model_contains(self: Any, item: object) -> bool:
+    """`item in model` with pydantic's own answer, without its scan for a string.
+
+    Pydantic gives models no `__contains__`, so `in` walks `__iter__`, which yields a
+    `(name, value)` pair per field: a string is never among them. The SDK's request
+    converters ask `key in part` for every field they know of (`_common.get_value_by_path`),
+    so each `Part` of the history was scanned ~25 times over its ~20 fields: 25 of the
+    57 ms of CPU a call with 20 turns of history took here, against 32 ms with this answer.
+    """
+    if isinstance(item, str):
+        return False
+    return any(item == pair for pair in self)
+
+
+def fast_model_membership() -> None:
+    """Give the SDK's models `_model_contains` (in the SDK's process only)."""
+    from google.genai import _common
+
+    if "__contains__" not in vars(_common.BaseModel):
+        _common.BaseModel.__contains__ = _model_contains  # type: ignore[attr-defined]
+
+
 def _child_main(sock: socket.socket) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fast_model_membership()
     asyncio.run(_serve(sock))
