@@ -57,7 +57,10 @@ class ContextConfig(BaseModel):
     social_contacts: int = Field(default=3, ge=0)
     #: contacts remembered per (server, user); the least recently seen one goes first
     max_contacts: int = Field(default=50, ge=1)
-    #: how long a commit may wait for more writers to join it
+    #: how long a commit may wait for more writers to join it. Appends and interactions
+    #: are acknowledged that much later (the bot sends them after its reply, in the
+    #: background, and resends any that fail); a reset or forget never waits for it.
+    #: The bot's settings use 0.5 s; 0 commits as soon as the previous commit is done.
     commit_delay_seconds: float = Field(default=0.0, ge=0, le=1)
 
 
@@ -317,7 +320,7 @@ class ContextStore(Service):
             conv.on_disk = False
             self._disk_conversations -= 1
         # the emptied conversation stays in memory, so nothing reloads the rows being deleted
-        await self._write(key, conv, statements)
+        await self._write(key, conv, statements, urgent=True)
         return had_turns
 
     async def forget(self, user: str) -> int:
@@ -340,7 +343,7 @@ class ContextStore(Service):
         # until the deletion commits, a load of this user's conversations finds nothing
         self._forgetting[user] = self._forgetting.get(user, 0) + 1
         try:
-            await self._db.write(ContextDB.delete_user(user))
+            await self._db.write(ContextDB.delete_user(user), urgent=True)
         finally:
             self._forgetting[user] -= 1
             if not self._forgetting[user]:
@@ -502,13 +505,18 @@ class ContextStore(Service):
         return ContextDB.delete_conversation(key)
 
     async def _write(
-        self, key: str, conv: _Conversation, statements: list[Statement], failed_rows: Iterable[TurnRow] = ()
+        self,
+        key: str,
+        conv: _Conversation,
+        statements: list[Statement],
+        failed_rows: Iterable[TurnRow] = (),
+        urgent: bool = False,
     ) -> None:
         """Commit statements about one conversation; on failure take back `failed_rows`
         and reread the conversation from disk once no other write on it is pending."""
         conv.pending += 1
         try:
-            await self._db.write(statements)
+            await self._db.write(statements, urgent)
         except Exception:
             if self._conversations.get(key) is conv:
                 failed = {id(r) for r in failed_rows}

@@ -76,10 +76,11 @@ class ContextDB:
         self.committer = GroupCommitter(open_sqlite(path, SCHEMA), max_delay=commit_delay)
         self._reader: sqlite3.Connection = open_sqlite(path)
 
-    async def write(self, statements: list[Statement]) -> None:
-        """Run `statements` in order in the next group commit; return once durable."""
+    async def write(self, statements: list[Statement], urgent: bool = False) -> None:
+        """Run `statements` in order in the next group commit; return once durable.
+        `urgent`: a user waits on it, so the commit does not wait for more writers."""
         if statements:
-            await self.committer.write(statements)
+            await self.committer.write(statements, urgent)
 
     # --- reads (committed state only) ---
 

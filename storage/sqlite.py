@@ -8,6 +8,7 @@ writer. A writer's `await` returns only after its statements are durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,8 @@ def open_sqlite(path: Path, schema: str = "", synchronous: str = "FULL") -> sqli
 class _Batch:
     statements: list[Statement] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    #: a writer someone is waiting on joined: commit without waiting out `max_delay`
+    urgent: bool = False
 
 
 class GroupCommitter:
@@ -47,6 +50,7 @@ class GroupCommitter:
 
     `max_delay` lets a commit wait briefly for more writers to join it; 0 commits as
     soon as the previous commit is done (writers that arrive meanwhile share the next).
+    An urgent writer (one a user is waiting on) cuts that wait short for its batch.
     """
 
     def __init__(self, conn: sqlite3.Connection, max_delay: float = 0.0, max_batch: int = 10_000) -> None:
@@ -55,32 +59,41 @@ class GroupCommitter:
         self.max_batch = max_batch
         self._pending = _Batch()
         self._wake: asyncio.Event | None = None
+        self._hurry: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
         self._lock = threading.Lock()
         self.commits = 0
         self.statements = 0
 
-    async def write(self, statements: Iterable[Statement]) -> None:
-        """Run `statements` in the next group commit; return once it is durable."""
+    async def write(self, statements: Iterable[Statement], urgent: bool = False) -> None:
+        """Run `statements` in the next group commit; return once it is durable. An
+        `urgent` write does not wait out `max_delay`."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.statements.extend(statements)
         self._pending.waiters.append(done)
         if self._wake is None:
-            self._wake = asyncio.Event()
+            self._wake, self._hurry = asyncio.Event(), asyncio.Event()
+        if urgent:
+            self._pending.urgent = True
+            assert self._hurry is not None
+            self._hurry.set()
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         self._wake.set()
         await done
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        assert self._wake is not None and self._hurry is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.max_delay > 0 and len(self._pending.waiters) < self.max_batch:
-                await asyncio.sleep(self.max_delay)
+            pending = self._pending
+            if self.max_delay > 0 and len(pending.waiters) < self.max_batch and not pending.urgent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self.max_delay)
+            self._hurry.clear()
             batch, self._pending = self._pending, _Batch()
             if not batch.waiters:
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from bot.config import Settings
+from bot.config import BOT_CONTEXT_COMMIT_DELAY, Settings
 
 
 def test_environment_overrides_yaml_and_yaml_overrides_defaults(
@@ -22,6 +22,20 @@ def test_environment_overrides_yaml_and_yaml_overrides_defaults(
     assert settings.cache.shards == 3
     assert settings.llm.model == "from-yaml"
     assert settings.context.max_turns == 20
+
+
+def test_the_bot_lets_context_commits_wait_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the bot's context writes are sent after the reply, so its store gathers them; a
+    # config that sets other context fields keeps that, and one that sets the delay wins
+    assert Settings().context.commit_delay_seconds == BOT_CONTEXT_COMMIT_DELAY > 0
+    cfg = tmp_path / "raycord.yaml"
+    cfg.write_text("context:\n  max_turns: 7\n")
+    assert Settings.load(cfg).context.commit_delay_seconds == BOT_CONTEXT_COMMIT_DELAY
+    monkeypatch.setenv("RAYCORD_CONTEXT__COMMIT_DELAY_SECONDS", "0")
+    loaded = Settings.load(cfg)
+    assert (loaded.context.max_turns, loaded.context.commit_delay_seconds) == (7, 0.0)
 
 
 def test_secrets_come_from_their_usual_variables_and_print_masked(

@@ -39,3 +39,29 @@ async def test_a_failed_batch_raises_in_each_writer_and_later_writes_still_commi
     await committer.write([("INSERT INTO kv VALUES ('b', 2)", ())])
     assert committer.read("SELECT k, v FROM kv ORDER BY k") == [("a", 1), ("b", 2)]
     committer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_delayed_commit_gathers_writers_and_an_urgent_writer_cuts_the_wait_short(
+    tmp_path: Path,
+) -> None:
+    committer = GroupCommitter(open_sqlite(tmp_path / "s.sqlite", SCHEMA), max_delay=60.0)
+    background = [
+        asyncio.create_task(committer.write([("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))]))
+        for i in range(5)
+    ]
+    await asyncio.sleep(0.2)
+    # the commit is waiting out its delay: nothing acknowledged, nothing on disk
+    assert not any(task.done() for task in background)
+    assert committer.commits == 0
+    # a writer a user waits on commits now, and takes every waiting writer with it
+    await asyncio.wait_for(committer.write([("INSERT INTO kv VALUES ('reset', 99)", ())], urgent=True), 30)
+    await asyncio.wait_for(asyncio.gather(*background), 30)
+    assert committer.commits == 1
+    assert committer.read("SELECT count(*) FROM kv") == [(6,)]
+    # the next batch waits again
+    late = asyncio.create_task(committer.write([("INSERT INTO kv VALUES ('late', 1)", ())]))
+    await asyncio.sleep(0.2)
+    assert not late.done()
+    committer.close()
+    late.cancel()
