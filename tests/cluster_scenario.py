@@ -146,8 +146,8 @@ class Traffic:
         assert rt.pipeline is not None
         self.pipeline = rt.pipeline
         self.outcomes: Counter[str] = Counter()
-        #: when each failed request failed (time.monotonic)
-        self.failed_at: list[float] = []
+        #: when each failed request was sent (time.monotonic), and what it failed with
+        self.failed: list[tuple[float, str]] = []
         self.stop = asyncio.Event()
 
     @property
@@ -158,17 +158,18 @@ class Traffic:
         n = 0
         while not self.stop.is_set():
             n += 1
+            sent_at = time.monotonic()
             try:
                 await asyncio.wait_for(
                     self.pipeline.handle(message(f"flow-{n}", f"question {n}")), MESSAGE_TIMEOUT
                 )
                 self.outcomes["ok"] += 1
-            except ServiceUnavailable:
+            except ServiceUnavailable as exc:
                 self.outcomes["service_unavailable"] += 1
-                self.failed_at.append(time.monotonic())
+                self.failed.append((sent_at, str(exc)))
             except Exception as exc:
                 self.outcomes[type(exc).__name__] += 1
-                self.failed_at.append(time.monotonic())
+                self.failed.append((sent_at, repr(exc)))
 
     async def ok_count_reaches(self, target: int) -> None:
         deadline = time.monotonic() + RESTART_TIMEOUT
@@ -311,7 +312,9 @@ async def scenario(cluster: Cluster, metrics_ports: dict[str, int], state_dir: P
         traffic.stop.set()
         await flowing
         result["traffic"] = dict(traffic.outcomes)
-        result["failures_after_recovery"] = sum(t > recovered_at for t in traffic.failed_at)
+        # a message sent before every replica answered again may still fail after that
+        # moment; one sent after it must not
+        result["failures_after_recovery"] = [why for t, why in traffic.failed if t > recovered_at]
 
         # rate-limit decisions survived: heavy is still out of budget, partial has what was left
         result["heavy_after"] = await outcome(rt, heavy)

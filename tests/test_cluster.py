@@ -81,7 +81,7 @@ def test_traffic_keeps_flowing_with_only_retryable_errors(outcome: dict[str, Any
     assert traffic["ok"] >= outcome["sent_before_removal"] + 15
     # reads wait for the restart; a rate-limit check (not idempotent) sent to the shard
     # while Ray has not yet noticed the node's death fails, retryably, and nothing after
-    assert outcome["failures_after_recovery"] == 0
+    assert outcome["failures_after_recovery"] == []
 
 
 def test_the_analytics_sink_restarts_after_its_process_dies(outcome: dict[str, Any]) -> None:
@@ -91,11 +91,11 @@ def test_the_analytics_sink_restarts_after_its_process_dies(outcome: dict[str, A
 
 def test_every_acknowledged_event_is_in_duckdb(outcome: dict[str, Any]) -> None:
     a = outcome["analytics"]
-    assert a["client_committed"] == a["client_recorded"]
-    assert a["rows_in_duckdb"] == a["distinct_ids_in_duckdb"]
+    assert a["client_committed"] == a["client_recorded"], a
+    assert a["rows_in_duckdb"] == a["distinct_ids_in_duckdb"], a
     # this front-end's events and the second front-end's one message, each stored once
-    assert a["rows_in_duckdb"] == a["handled_here"] + 1
-    assert a["rows_in_duckdb"] >= outcome["events_acknowledged_before_failure"]
+    assert a["rows_in_duckdb"] == a["handled_here"] + 1, (a, outcome["traffic"])
+    assert a["rows_in_duckdb"] >= outcome["events_acknowledged_before_failure"], a
 
 
 def test_a_custom_metric_reaches_a_node_metrics_endpoint(outcome: dict[str, Any]) -> None:
