@@ -24,7 +24,8 @@ from bot.pipeline import ChatPipeline
 
 log = logging.getLogger(__name__)
 
-#: generated text may contain @everyone, role or user mentions: none of them notify
+#: generated text may contain @everyone, role or user mentions: none of them notify; the
+#: reply itself notifies the one person it answers
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 SOMETHING_WENT_WRONG = "Something went wrong on my side. Please try again."
 NOT_AN_IMAGE = "I can only look at images (PNG, JPEG, WebP, GIF); I left out {names}."

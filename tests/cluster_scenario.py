@@ -189,7 +189,8 @@ async def outcome(rt: Runtime, user: str) -> str:
 
 
 def attach_second_front_end(address: str, state_dir: Path, user: str) -> dict[str, Any]:
-    """A second front-end process: attaches to the same named actors and serves a message."""
+    """A second front-end process: attaches to the same named actors and spends `user`'s
+    whole budget through them."""
     out = subprocess.run(
         [sys.executable, "-m", "tests.cluster_scenario", "--attach", address, str(state_dir), user],
         cwd=ROOT,
@@ -206,12 +207,12 @@ async def attach_main(address: str, state_dir: Path, user: str) -> None:
     rt = Runtime(scenario_settings(address, state_dir))
     await rt.start()
     try:
-        verdict = await outcome(rt, user)
+        verdicts = [await outcome(rt, user) for _ in range(BUDGET)]
         pids = {name: h["pid"] for name, h in (await placement(rt)).items()}
     finally:
         # actors on a cluster outlive a front-end: this one leaves them running
         await rt.shutdown()
-    print(json.dumps({"verdict": verdict, "pids": pids}))
+    print(json.dumps({"verdicts": verdicts, "pids": pids}))
 
 
 async def rate_limit_shard_on_a_worker(rt: Runtime, head_id: str) -> int:

@@ -321,6 +321,14 @@ async def test_counters_are_stored_as_one_row_per_server_and_minute(
     assert events.rows == [(0,)]
 
 
+async def _record_for_reports(settings: Settings, user: str) -> None:
+    client = analytics_client(settings)
+    for _ in range(3):
+        client.record(AnalyticsEvent(type="message", user_id=user, weight=1000.0, tokens_in=3, tokens_out=5))
+    client.record(AnalyticsEvent(type="rate_limited", user_id=user))
+    await client.close()
+
+
 def test_analytics_command_answers_select_in_every_format_and_refuses_writes(
     shared_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -334,7 +342,27 @@ def test_analytics_command_answers_select_in_every_format_and_refuses_writes(
     assert json.loads(capsys.readouterr().out) == [{"one": 1, "two": "x"}]
     for report in ("daily", "top-users"):
         assert main([*base, "--report", report]) == 0
-        assert capsys.readouterr().out.strip()
+        assert capsys.readouterr().out.splitlines()[1].startswith("---")  # a table under its header
+
+    def report(name: str) -> list[dict[str, Any]]:
+        assert main([*base, "--report", name, "--format", "json"]) == 0
+        rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+        return rows
+
+    days_before = report("daily")
+    user = f"reporter-{uuid.uuid4().hex}"
+    asyncio.run(_record_for_reports(shared_settings, user))
+    days = report("daily")
+
+    def total(rows: list[dict[str, Any]], column: str) -> float:
+        return sum(row[column] or 0 for row in rows)
+
+    # 3 messages weighing 1,000 each (sampled at 1/1000), 3 + 5 tokens each; a rate-limited one
+    assert total(days, "messages") - total(days_before, "messages") == 3_000
+    assert total(days, "tokens_in") - total(days_before, "tokens_in") == 9_000
+    assert total(days, "tokens_out") - total(days_before, "tokens_out") == 15_000
+    (mine,) = [row for row in report("top-users") if row["user_id"] == user]
+    assert (mine["messages"], mine["tokens"], mine["rate_limited"]) == (3_000, 24_000, 1)
     assert main([*base, "DROP TABLE events"]) == 2
     assert "only SELECT" in capsys.readouterr().err
 

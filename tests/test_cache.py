@@ -98,6 +98,7 @@ async def test_an_expired_entry_is_never_served_and_maintenance_sweeps_it(clock:
     cache.set_now("default", "d")
     cache.set_now("short", "s", ttl=5)
     cache.set_now("long", "l", ttl=600)
+    cache.set_now("unread", "u", ttl=5)
     clock.advance(6)
     assert cache.get_now("short") is None
     assert cache.get_now("default") == "d"
@@ -106,7 +107,12 @@ async def test_an_expired_entry_is_never_served_and_maintenance_sweeps_it(clock:
     assert cache.get_now("default") is None
     assert cache.get_now("long") == "l"
     stats = await cache.stats()
-    assert stats.expirations == 2 and stats.entries == 1
+    assert stats.expirations == 2 and stats.entries == 2  # "long", and "unread" that no one asked for
+    # the maintenance sweep removes what expired without being read
+    assert cache.expire_now() == 1
+    stats = await cache.stats()
+    assert stats.expirations == 3 and stats.entries == 1
+    assert cache.contains_now("long") and not cache.contains_now("unread")
 
 
 @pytest.mark.asyncio

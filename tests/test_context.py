@@ -387,6 +387,9 @@ async def test_context_survives_an_actor_kill_and_routes_the_graph_by_server(
         await client.record_interaction(server, user, ["bob"])
         built = await client.build(scope, user, server)
         assert texts(built.turns) == ["remember me"] and "bob (1 mentions or replies" in built.social
+        shards = await client.stats()
+        assert shards[0].graph_edges == 0 and shards[1].graph_edges >= 1  # the graph is on its server's shard
+        assert shards[0].conversations == 1 and shards[1].conversations == 0
 
         handle = rt.handles["context"][0]
         os.kill(await _actor_pid(handle), signal.SIGKILL)

@@ -23,7 +23,7 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from bot.config import DiscordSettings, Settings
-from bot.discord_app import NO_PINGS, RaycordBot, StreamedReply
+from bot.discord_app import ForgetConfirm, RaycordBot, RaycordCommands, StreamedReply
 from bot.discord_text import DISCORD_LIMIT
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime
@@ -246,14 +246,16 @@ class RecordingAdapter(AsyncWebhookAdapter):
         return out
 
 
-async def invoke(bot: RaycordBot, command: str, member: discord.Member, **options: str) -> RecordingAdapter:
-    adapter = RecordingAdapter()
-    token = async_context.set(adapter)
+def interaction_data(
+    bot: RaycordBot, member: discord.Member, kind: int, data: dict[str, Any]
+) -> dict[str, Any]:
+    """An interaction of `kind` (2: slash command, 3: component) from `member` in the
+    first channel, as Discord's gateway delivers it."""
     channel = dpytest.get_config().channels[0]
-    data: dict[str, Any] = {
+    return {
         "id": str(next(_ids)),
         "application_id": str(bot.application_id or bot.user.id),  # type: ignore[union-attr]
-        "type": 2,
+        "type": kind,
         "token": "interaction-token",
         "version": 1,
         "channel_id": str(channel.id),
@@ -283,16 +285,37 @@ async def invoke(bot: RaycordBot, command: str, member: discord.Member, **option
         "locale": "en-US",
         "guild_locale": "en-US",
         "entitlements": [],
-        "data": {
-            "id": str(next(_ids)),
-            "name": command,
-            "type": 1,
-            "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
-        },
+        "data": data,
     }
+
+
+async def invoke(bot: RaycordBot, command: str, member: discord.Member, **options: str) -> RecordingAdapter:
+    """Run a slash command as `member`; the adapter holds what the bot answered."""
+    command_data = {
+        "id": str(next(_ids)),
+        "name": command,
+        "type": 1,
+        "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
+    }
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
     try:
-        interaction = discord.Interaction(data=data, state=bot._connection)  # type: ignore[arg-type]
+        payload = interaction_data(bot, member, 2, command_data)
+        interaction = discord.Interaction(data=payload, state=bot._connection)  # type: ignore[arg-type]
         await bot.tree._call(interaction)
+    finally:
+        async_context.reset(token)
+    return adapter
+
+
+async def click(bot: RaycordBot, button: discord.ui.Button[Any], member: discord.Member) -> RecordingAdapter:
+    """Press `button` as `member`; the adapter holds what the bot answered."""
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
+    try:
+        payload = interaction_data(bot, member, 3, {"custom_id": button.custom_id, "component_type": 2})
+        interaction = discord.Interaction(data=payload, state=bot._connection)  # type: ignore[arg-type]
+        await button.callback(interaction)
     finally:
         async_context.reset(token)
     return adapter
@@ -302,14 +325,18 @@ async def invoke(bot: RaycordBot, command: str, member: discord.Member, **option
 async def test_slash_ask_answers_and_is_cached_per_server(bot: RaycordBot) -> None:
     member = dpytest.get_config().members[0]
     question = f"what is ray? {next(_ids)}"
+    llm = bot.pipeline.llm
+    hits_before = sum(s.hits for s in await bot.pipeline.cache.stats())
+    calls_before = llm.calls  # type: ignore[attr-defined]
     first = await invoke(bot, "ask", member, question=question)
     assert any(question in t for t in first.texts())
     await bot.pipeline.writes.drain(10)
     other = dpytest.get_config().members[1]
     second = await invoke(bot, "ask", other, question=question)
     assert second.texts() == first.texts()
-    stats = await bot.pipeline.cache.stats()
-    assert sum(s.hits for s in stats) >= 1
+    # the second member's answer came from the cache, not from the model
+    assert llm.calls == calls_before + 1  # type: ignore[attr-defined]
+    assert sum(s.hits for s in await bot.pipeline.cache.stats()) == hits_before + 1
 
 
 @pytest.mark.asyncio
@@ -325,11 +352,42 @@ async def test_slash_reset_and_forget_clear_memory(bot: RaycordBot) -> None:
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
     forget = await invoke(bot, "forget", member)
     assert "Sure?" in forget.texts()[0]
-    cog = bot.get_cog("RaycordCommands")
-    await dpytest.message(mention(bot, "remember me again"), channel=channel, member=member)
+    buttons = [c for row in forget.calls[0][2]["data"]["components"] for c in row["components"]]
+    assert [b["label"] for b in buttons] == ["Forget me", "Cancel"]
+
+
+@pytest.mark.asyncio
+async def test_the_forget_button_deletes_conversations_and_cached_replies_for_its_user_only(
+    bot: RaycordBot,
+) -> None:
+    config = dpytest.get_config()
+    channel, member, other = config.channels[0], config.members[0], config.members[1]
+    scope = f"channel:{channel.id}"
+    question = f"remember me {next(_ids)}"
+    await dpytest.message(mention(bot, question), channel=channel, member=member)
     await settle(bot)
-    assert await cog.forget_user(str(member.id)) == 1  # type: ignore[union-attr]
+    assert (await bot.pipeline.context.build(scope, str(member.id))).turns
+    cached = sum(s.entries for s in await bot.pipeline.cache.stats())
+    asked = await invoke(bot, "ask", member, question=question)
+    await bot.pipeline.writes.drain(10)
+    assert sum(s.entries for s in await bot.pipeline.cache.stats()) == cached + 1
+    cog = bot.get_cog("RaycordCommands")
+    assert isinstance(cog, RaycordCommands)
+    # the view the /forget command sends; its buttons answer only the user who asked
+    view = ForgetConfirm(cog, member.id)
+    confirm = view.children[0]
+    assert isinstance(confirm, discord.ui.Button) and confirm.label == "Forget me"
+    refused = await click(bot, confirm, other)
+    assert refused.texts() == ["This button is not for you."]
+    assert (await bot.pipeline.context.build(scope, str(member.id))).turns
+    done = await click(bot, confirm, member)
+    assert done.texts() == ["Done: I deleted 1 conversation(s) and every cached reply of yours."]
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
+    # the /ask reply cached for the server was written for this user: it is gone too
+    calls = bot.pipeline.llm.calls  # type: ignore[attr-defined]
+    again = await invoke(bot, "ask", other, question=question)
+    assert again.texts() == asked.texts()
+    assert bot.pipeline.llm.calls == calls + 1  # type: ignore[attr-defined]
 
 
 @pytest.mark.asyncio
@@ -351,10 +409,6 @@ async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bo
         assert bot.pipeline.model == "gemini-x"
     finally:
         bot.pipeline.model = before
-
-
-def test_no_pings_setting_blocks_every_mention_kind() -> None:
-    assert NO_PINGS.to_dict() == {"parse": [], "replied_user": True}
 
 
 @pytest.mark.asyncio

@@ -41,10 +41,10 @@ async def test_the_same_question_twice_is_a_cache_hit(pipeline: ChatPipeline, us
 
 @pytest.mark.asyncio
 async def test_the_conversation_is_remembered(pipeline: ChatPipeline, user: str) -> None:
-    await pipeline.handle(message("my name is Ada", user))
+    first = await pipeline.handle(message("my name is Ada", user))
     await pipeline.writes.drain(10)
     built = await pipeline.context.build("chan-1", user)
-    assert [t[2] for t in built.turns] == ["my name is Ada", built.turns[1][2]]
+    assert [(t[0], t[2]) for t in built.turns] == [("user", "my name is Ada"), ("model", first.text)]
     reply = await pipeline.handle(message("what is my name?", user))
     assert "1 earlier message" in reply.text
 
