@@ -334,15 +334,22 @@ async def test_the_sdk_runs_in_a_child_process_and_a_killed_one_is_replaced(
 
 
 @pytest.mark.asyncio
-async def test_closing_a_stream_early_frees_its_slot_and_the_process_keeps_serving(
+async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
     server: FakeGemini, make_llm: MakeLLM
 ) -> None:
     server.config.latency = 0.05
+    server.config.chunk_interval = 0.5  # the rest of the stream would take 1.5 s
     llm = make_llm()
     stream = llm.stream(ask("a long story"))
     first = await anext(aiter(stream))
     await stream.aclose()
     assert first.startswith("(fake gemini)")
+    # the SDK process dropped the HTTP stream: the server saw its client leave mid-stream
+    for _ in range(500):  # up to 10 s
+        if server.abandoned:
+            break
+        await asyncio.sleep(0.02)
+    assert server.abandoned == 1
     (sdk,) = llm._sdks
     assert sdk.in_flight == 0
     # the process is still serving after the cancelled stream

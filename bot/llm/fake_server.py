@@ -81,6 +81,8 @@ class FakeGemini:
     arrivals: list[Arrival] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
+    #: streams whose client went away before their last chunk
+    abandoned: int = 0
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
@@ -110,6 +112,7 @@ class FakeGemini:
             "calls": self.calls,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
+            "abandoned": self.abandoned,
             "scripted": len(self.script),
             "config": asdict(self.config),
         }
@@ -225,11 +228,19 @@ class FakeGemini:
             return web.json_response(chunks[0])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for i, chunk in enumerate(chunks):
-            if i and cfg.chunk_interval:
-                await asyncio.sleep(cfg.chunk_interval)
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
-        await response.write_eof()
+        try:
+            for i, chunk in enumerate(chunks):
+                if i and cfg.chunk_interval:
+                    await asyncio.sleep(cfg.chunk_interval)
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+            await response.write_eof()
+        except ConnectionResetError:  # the client closed the connection as we wrote
+            self.abandoned += 1
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when its client disconnects (or the server stops)
+            if not self._closing.is_set():
+                self.abandoned += 1
+            raise
         return response
 
     # --- admin endpoints, so a separate process (the benchmark) can steer the server -------
