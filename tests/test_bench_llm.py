@@ -16,9 +16,8 @@ def test_the_llm_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert bounded["server_peak_in_flight"] <= 4
     # the SDK works in its own process, and that CPU is counted
     assert bounded["sdk_process_cpu_seconds"] > 0
-    # and so is the fake server's, which shares the cores (a dozen small requests can
-    # take less than the 10 ms a process's CPU time is counted in)
-    assert isinstance(bounded["fake_server_cpu_seconds"], float) and bounded["fake_server_cpu_seconds"] >= 0
+    # and so is the fake server's, which shares the cores
+    assert bounded["fake_server_cpu_seconds"] > 0
     assert bounded["cores_needed_at_target"] > 0
     assert results["identical_prompts"]["ours"]["upstream_calls"] == 1
     assert results["identical_prompts"]["naive_client_per_call"]["upstream_calls"] == 3
