@@ -220,7 +220,7 @@ class ShardedClient:
     #: calls that may run twice without changing the outcome: only these are sent again
     #: when a replica died mid-call or was unreachable (a write might have been applied)
     idempotent_methods: frozenset[str] = frozenset(
-        {"get", "get_many", "contains_many", "build", "social", "stats", "health", "ping", "query"}
+        {"get", "get_many", "contains_many", "build", "social", "stats", "health", "ping", "query", "usage"}
     )
     #: how long an idempotent call keeps retrying a replica that is down: long enough for
     #: Ray to notice a dead node and restart the actor elsewhere

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from actors import metrics
 from actors.base import Clock, Service, ShardedClient
-from actors.schemas import MessageKind, RateDecision, ServiceStats
+from actors.schemas import MessageKind, RateDecision, ServiceStats, WindowUsage
 from actors.sharding import shard_index
 from storage import ratelimit_db
 from storage.sqlite import GroupCommitter, Statement
@@ -377,6 +377,35 @@ class RateLimiter(Service):
         decision, _ = await self.check_part(user, kind, server)
         return decision
 
+    async def usage(self, user: str | None, server: str | None = None) -> list[WindowUsage]:
+        """The budgets of `user` (messages and commands) and of `server`, each of those this
+        shard owns: used, left and when each window frees. Counts nothing.
+
+        Raises:
+            ValueError: empty id, or a key another shard owns.
+        """
+        now_us = self._now_us()
+        report: list[WindowUsage] = []
+        labelled = [("message", t) for t in self._targets(user, "message", None)]
+        labelled += [("command", t) for t in self._targets(user, "command", None)]
+        labelled += [("server", t) for t in self._targets(None, "message", server)]
+        for kind, (layout, key, limits) in labelled:
+            state = layout.states.get(key)
+            for j, name in enumerate(layout.names):
+                used = 0 if state is None else layout.count(state, j, max(now_us, state.last_us))
+                frees_us = 0 if state is None or used == 0 else layout.wait_us(state, j, now_us, 1)
+                report.append(
+                    WindowUsage(
+                        kind=kind,
+                        window=name.removeprefix("server_"),
+                        limit=limits[j],
+                        used=min(used, limits[j]),
+                        left=max(limits[j] - used, 0),
+                        frees_in=max(frees_us, 0) / US,
+                    )
+                )
+        return report
+
     async def refund(self, user: str | None, kind: MessageKind, server: str | None, at_us: int) -> bool:
         """Take back a request allowed at `at_us` by `check_part` (the other shard denied it)."""
         statements = []
@@ -490,6 +519,17 @@ class RateLimitClient(ShardedClient):
             else:
                 await self._call(theirs, "refund", None, kind, server, server_at)
         return _merge(for_user, for_server)
+
+    async def usage(self, user: str, server: str | None = None) -> list[WindowUsage]:
+        """The user's budgets (and the server's), without counting a request."""
+        mine = self.handle_for(user)
+        theirs = mine if server is None else self.handle_for(server_key(server))
+        if theirs is mine:
+            return await self._call(mine, "usage", user, server)  # type: ignore[return-value]
+        parts = await asyncio.gather(
+            self._call(mine, "usage", user, None), self._call(theirs, "usage", None, server)
+        )
+        return [u for part in parts for u in part]  # type: ignore[attr-defined]
 
     async def reset(self, user: str) -> int:
         return await self._call(self.handle_for(user), "reset", user)  # type: ignore[return-value]

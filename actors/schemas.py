@@ -81,6 +81,18 @@ class RateDecision(BaseModel):
     limit: int = 0
 
 
+class WindowUsage(BaseModel):
+    """One window of one budget, as `/limits` shows it."""
+
+    kind: str
+    window: str
+    limit: int
+    used: int
+    left: int
+    #: seconds until the oldest counted request leaves the window (0 when none is counted)
+    frees_in: float = 0.0
+
+
 EventType = Literal["message", "command", "reply", "error", "rate_limited", "cache", "custom"]
 
 

@@ -23,7 +23,7 @@ from actors.cache import CacheClient, cache_key
 from actors.context import BuiltContext, ContextClient
 from actors.errors import InputRejected, RateLimited, RaycordError, UpstreamUnavailable
 from actors.ratelimit import RateLimitClient
-from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn
+from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn, WindowUsage
 from bot.config import Settings
 from bot.llm.base import LLM, ImagePart, LLMRequest, LLMResult
 
@@ -238,6 +238,25 @@ class ChatPipeline:
             latency_ms=(self.clock() - started) * 1000,
             llm_ms=llm_ms,
         )
+
+    # -- the commands every front-end offers (Discord's slash commands, the terminal's /words)
+
+    async def reset(self, scope: str, user: str) -> bool:
+        """Clear `user`'s conversation in `scope`; False when there was nothing to clear."""
+        return await self.context.reset(scope, user)
+
+    async def forget(self, user: str, timeout: float = 10.0) -> int:
+        """Delete every conversation and cached reply of `user`; returns the conversations
+        removed. Background writes already under way are let through first, so none of
+        them lands after the forget and brings data back."""
+        await self.writes.drain(timeout)
+        removed = await self.context.forget(user)
+        await self.cache.invalidate_user(user)
+        return removed
+
+    async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
+        """`user`'s message and command budgets (and the server's): reading them costs nothing."""
+        return await self.limiter.usage(user, server)
 
     def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:
         return cache_key(

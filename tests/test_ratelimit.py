@@ -186,6 +186,30 @@ async def test_the_server_limit_is_shared_by_its_users_and_a_denial_costs_nothin
 
 
 @pytest.mark.asyncio
+async def test_usage_reports_every_budget_and_costs_nothing(clock: FakeClock) -> None:
+    config = RateLimitConfig(
+        message=WindowLimits(minute=2, hour=9, day=9),
+        command=WindowLimits(minute=3, hour=9, day=9),
+        server_per_minute=5,
+    )
+    limiter = RateLimiter(config, clock=clock)
+    assert (await limiter.check("u", "message", "s1")).allowed
+    clock.advance(10)
+    before = await limiter.usage("u", "s1")
+    assert await limiter.usage("u", "s1") == before, "reading the budget spends none of it"
+    by_window = {(u.kind, u.window): u for u in before}
+    minute = by_window["message", "minute"]
+    assert (minute.limit, minute.used, minute.left) == (2, 1, 1)
+    # the request counted 10 s ago leaves the minute window within a bucket (3 s) of 50 s
+    assert 50 <= minute.frees_in <= 53
+    assert (by_window["command", "minute"].used, by_window["command", "minute"].frees_in) == (0, 0)
+    assert (by_window["server", "minute"].limit, by_window["server", "minute"].left) == (5, 4)
+    assert {kind for kind, _ in by_window} == {"message", "command", "server"}
+    assert (await limiter.check("u", "message", "s1")).remaining["minute"] == 0
+    await limiter.close()
+
+
+@pytest.mark.asyncio
 async def test_bad_input_is_refused_and_changes_nothing(clock: FakeClock) -> None:
     limiter = RateLimiter(RateLimitConfig(message=WindowLimits(minute=1, hour=5, day=5)), clock=clock)
     with pytest.raises(ValueError, match="kind"):
