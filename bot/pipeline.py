@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -21,7 +23,13 @@ from actors import metrics
 from actors.analytics import AnalyticsClient
 from actors.cache import CacheClient, cache_key
 from actors.context import BuiltContext, ContextClient
-from actors.errors import InputRejected, RateLimited, RaycordError, UpstreamUnavailable
+from actors.errors import (
+    InputRejected,
+    RateLimited,
+    RaycordError,
+    ServiceUnavailable,
+    UpstreamUnavailable,
+)
 from actors.ratelimit import RateLimitClient
 from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn, WindowUsage
 from bot.config import Settings
@@ -31,22 +39,52 @@ log = logging.getLogger(__name__)
 
 ChunkCallback = Callable[[str], Awaitable[None]]
 _EMPTY_CONTEXT = BuiltContext((), "", 0)
+#: a lone surrogate cannot be encoded to UTF-8, so no store, cache key or log can hold it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: ids are keys in every store: no control characters (the stores' separator among them)
+_ID_REFUSED = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_MAX_ID_CHARS = 200
+
+
+def _retryable_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions
+
+    # what a later attempt can get past: a service restarting or unreachable, a timeout,
+    # a disk that is full or busy for now
+    return (
+        ServiceUnavailable,
+        TimeoutError,
+        ConnectionError,
+        OSError,
+        sqlite3.OperationalError,
+        ray.exceptions.RayActorError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.GetTimeoutError,
+    )
 
 
 class BackgroundWrites:
-    """Fire-and-forget writes that are never dropped: each is retried until it succeeds."""
+    """Fire-and-forget writes that are never dropped silently: what can succeed later is
+    retried until it does; what never can (a value the service refuses) is logged once
+    with the message's ids, counted, and dropped."""
 
     def __init__(self, max_backoff: float = 5.0) -> None:
         self.max_backoff = max_backoff
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retryable = _retryable_errors()
         self.failures = 0
+        self.dropped = 0
+        self._m_dropped = metrics.counter(
+            "background_writes_dropped", "background writes refused for good, by write", ("write",)
+        )
 
-    def submit(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(name, make))
+    def submit(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]], ids: str = "") -> None:
+        """Run `make()` in the background; `ids` names the message it belongs to in logs."""
+        task = asyncio.get_running_loop().create_task(self._run(name, make, ids))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    async def _run(self, name: str, make: Callable[[], Coroutine[Any, Any, Any]], ids: str) -> None:
         delay = 0.05
         while True:
             try:
@@ -54,11 +92,16 @@ class BackgroundWrites:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except self._retryable as exc:
                 self.failures += 1
                 log.warning("background %s failed, retrying in %.2fs: %s", name, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
+            except Exception as exc:
+                self.dropped += 1
+                self._m_dropped.inc(tags={"write": name})
+                log.error("background %s refused for good, dropped (%s): %r", name, ids, exc)
+                return
 
     @property
     def pending(self) -> int:
@@ -120,6 +163,15 @@ class ChatPipeline:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"]) or "message"
                 raise InputRejected(f"{where}: {first['msg']}") from exc
+        _check_ids(msg)
+        if _SURROGATE.search(msg.text) or _SURROGATE.search(msg.user_name):
+            # broken UTF-16 from a client: keep the message, mark what could not be read
+            msg = msg.model_copy(
+                update={
+                    "text": _SURROGATE.sub("\ufffd", msg.text),
+                    "user_name": _SURROGATE.sub("\ufffd", msg.user_name),
+                }
+            )
         text = msg.text.strip()
         if not text and not msg.attachments:
             raise InputRejected("the message is empty")
@@ -225,7 +277,9 @@ class ChatPipeline:
         self._m_stage.observe(llm_ms, tags={"stage": "llm"})
         if cacheable and result.finish_reason == "STOP" and result.text:
             user = msg.user_id
-            self.writes.submit("cache.set", lambda: self.cache.set(key, result.text, scope_id, user))
+            self.writes.submit(
+                "cache.set", lambda: self.cache.set(key, result.text, scope_id, user), _ids(msg)
+            )
         self._remember(msg, result.text)
         return ChatReply(
             text=result.text,
@@ -291,13 +345,16 @@ class ChatPipeline:
             Turn(role="user", author=msg.user_name or msg.user_id, text=msg.text, time=now),
             Turn(role="model", author="raycord", text=reply, time=now),
         ]
-        self.writes.submit("context.append", lambda: self.context.append(msg.scope, msg.user_id, turns))
+        self.writes.submit(
+            "context.append", lambda: self.context.append(msg.scope, msg.user_id, turns), _ids(msg)
+        )
         server = msg.server_id
         if server is not None and (msg.mentions or msg.reply_to_user):
             mentions = list(msg.mentions)
             self.writes.submit(
                 "context.record_interaction",
                 lambda: self.context.record_interaction(server, msg.user_id, mentions, msg.reply_to_user),
+                _ids(msg),
             )
 
     def _record(self, msg: IncomingMessage, **fields: Any) -> None:
@@ -316,6 +373,33 @@ class ChatPipeline:
         if left:
             log.error("%d background writes still pending at shutdown", left)
         await asyncio.wait_for(self.analytics.flush(), timeout)
+
+
+def _ids(msg: IncomingMessage) -> str:
+    """The ids a log line about `msg` names."""
+    return f"user={msg.user_id} scope={msg.scope} server={msg.server_id} message={msg.message_id}"
+
+
+def _check_ids(msg: IncomingMessage) -> None:
+    """Refuse ids no store can key by: empty, over-long, or holding control characters."""
+    named: list[tuple[str, str | None]] = [
+        ("user_id", msg.user_id),
+        ("scope", msg.scope),
+        ("server_id", msg.server_id),
+        ("channel_id", msg.channel_id),
+        ("message_id", msg.message_id),
+        ("reply_to_user", msg.reply_to_user),
+    ]
+    named += [("mentions", m) for m in msg.mentions]
+    for field, value in named:
+        if value is None:
+            continue
+        if not value:
+            raise InputRejected(f"{field} is empty")
+        if len(value) > _MAX_ID_CHARS:
+            raise InputRejected(f"{field} is longer than {_MAX_ID_CHARS} characters")
+        if _ID_REFUSED.search(value):
+            raise InputRejected(f"{field} holds a control character or broken unicode")
 
 
 def _images(msg: IncomingMessage) -> tuple[ImagePart, ...]:
