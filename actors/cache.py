@@ -17,7 +17,7 @@ import struct
 import unicodedata
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +152,7 @@ class ResponseCache(Service):
         self.shard = shard
         self.snapshot_path = Path(state_dir) / f"cache-{shard}.bin" if state_dir is not None else None
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        # secondary indexes, so invalidation costs what it removes rather than a scan
-        self._by_scope: dict[str, set[str]] = {}
+        # a secondary index, so forgetting a user costs what it removes rather than a scan
         self._by_user: dict[str, set[str]] = {}
         # expiry time buckets, and a heap of the bucket ids that exist, soonest first
         self._expiry: dict[int, set[str]] = {}
@@ -247,16 +246,12 @@ class ResponseCache(Service):
         self._drop_snapshot()
         return True
 
-    def invalidate_scope_now(self, scope: str) -> int:
-        return self._remove_all(self._by_scope.get(scope))
-
     def invalidate_user_now(self, user: str) -> int:
         return self._remove_all(self._by_user.get(user))
 
     def clear_now(self) -> int:
         removed = len(self._entries)
         self._entries.clear()
-        self._by_scope.clear()
         self._by_user.clear()
         self._expiry.clear()
         self._expiry_heap.clear()
@@ -291,11 +286,6 @@ class ResponseCache(Service):
         self._entries[key] = entry
         self._stored_bytes += len(entry.data)
         self._raw_bytes += entry.raw_size
-        keys = self._by_scope.get(entry.scope)
-        if keys is None:
-            self._by_scope[entry.scope] = {key}
-        else:
-            keys.add(key)
         if entry.user is not None:
             keys = self._by_user.get(entry.user)
             if keys is None:
@@ -314,11 +304,6 @@ class ResponseCache(Service):
         """Undo `_insert`'s accounting for an entry already popped from `_entries`."""
         self._stored_bytes -= len(entry.data)
         self._raw_bytes -= entry.raw_size
-        keys = self._by_scope.get(entry.scope)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._by_scope[entry.scope]
         if entry.user is not None:
             keys = self._by_user.get(entry.user)
             if keys is not None:
@@ -438,9 +423,6 @@ class ResponseCache(Service):
     async def delete(self, key: str) -> bool:
         return self.delete_now(key)
 
-    async def invalidate_scope(self, scope: str) -> int:
-        return self.invalidate_scope_now(scope)
-
     async def invalidate_user(self, user: str) -> int:
         """Drop every entry written for `user`, in any scope ("forget me")."""
         return self.invalidate_user_now(user)
@@ -541,18 +523,6 @@ def _read_snapshot(blob: bytes) -> list[_Record]:
     return records
 
 
-@dataclass(slots=True, frozen=True)
-class WarmReport:
-    #: distinct cache keys among the prompts (prompts differing only in case or spacing are one)
-    distinct: int
-    already_cached: int
-    generated: int
-    failed: int
-
-
-GenerateReply = Callable[[str], Awaitable[str]]
-
-
 class CacheClient(ShardedClient):
     """The bot's handle on the cache replicas: each key goes to the one shard that owns it.
 
@@ -589,9 +559,6 @@ class CacheClient(ShardedClient):
     async def delete(self, key: str) -> bool:
         return await self._call(self.handle_for(key), "delete", key)  # type: ignore[return-value]
 
-    async def invalidate_scope(self, scope: str) -> int:
-        return sum(await self._call_all("invalidate_scope", scope))  # type: ignore[arg-type]
-
     async def invalidate_user(self, user: str) -> int:
         return sum(await self._call_all("invalidate_user", user))  # type: ignore[arg-type]
 
@@ -600,64 +567,6 @@ class CacheClient(ShardedClient):
 
     async def stats(self) -> list[CacheStats]:
         return await self._call_all("stats")  # type: ignore[return-value]
-
-    async def warm(
-        self,
-        prompts: Sequence[str],
-        scope: str,
-        generate: GenerateReply,
-        *,
-        model: str,
-        system_version: str,
-        context_digest: str = "",
-        user: str | None = None,
-        concurrency: int = 4,
-        ttl: float | None = None,
-    ) -> WarmReport:
-        """Fill the entries missing for `prompts` in `scope` by calling `generate` for each.
-
-        Keys are built exactly as the pipeline builds them (`context_digest` "" is a
-        stateless question), so a warmed prompt is a hit for the matching message. One
-        presence check and one store for the whole batch; at most `concurrency` calls to
-        the LLM at a time; prompts already cached cost no LLM call. A failed generation
-        is logged and counted, and does not stop the others.
-
-        Raises:
-            ValueError: a prompt is empty or `concurrency` is below 1.
-        """
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        wanted: dict[str, str] = {}
-        for prompt in prompts:
-            if not prompt.strip():
-                raise ValueError("cannot warm an empty prompt")
-            wanted.setdefault(cache_key(model, system_version, scope, prompt, context_digest), prompt)
-        keys = list(wanted)
-        present = await self.contains_many(keys)
-        missing = [key for key, here in zip(keys, present, strict=True) if not here]
-        gate = asyncio.Semaphore(concurrency)
-
-        async def one(key: str) -> tuple[str, str, str, str | None] | None:
-            async with gate:
-                try:
-                    text = await generate(wanted[key])
-                except Exception:
-                    log.exception("warming %r failed", wanted[key][:80])
-                    return None
-            if not isinstance(text, str) or not text:
-                log.warning("warming %r gave no text", wanted[key][:80])
-                return None
-            return (key, text, scope, user)
-
-        made = [item for item in await asyncio.gather(*(one(k) for k in missing)) if item is not None]
-        if made:
-            await self.set_many(made, ttl)
-        return WarmReport(
-            distinct=len(keys),
-            already_cached=len(keys) - len(missing),
-            generated=len(made),
-            failed=len(missing) - len(made),
-        )
 
     async def _per_shard(self, method: str, keys: Sequence[str], *args: object) -> list[object]:
         results: list[object] = [None] * len(keys)

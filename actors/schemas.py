@@ -93,9 +93,6 @@ class WindowUsage(BaseModel):
     frees_in: float = 0.0
 
 
-EventType = Literal["message", "command", "reply", "error", "rate_limited", "cache", "custom"]
-
-
 _V4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _V4_SET = (0x8000 << 48) | (0x4000 << 64)
 _new_object = object.__new__

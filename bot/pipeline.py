@@ -358,6 +358,12 @@ class ChatPipeline:
             )
 
     def _record(self, msg: IncomingMessage, **fields: Any) -> None:
+        # exact per-minute counters beside the (possibly sampled) events
+        outcome = fields["type"]
+        counter = {"rate_limited": "rate_limited", "error": "errors"}.get(outcome, "messages")
+        self.analytics.count(counter, msg.server_id)
+        if fields.get("cache_hit"):
+            self.analytics.count("cache_hits", msg.server_id)
         self.analytics.record(
             AnalyticsEvent(
                 server_id=msg.server_id,

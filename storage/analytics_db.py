@@ -117,6 +117,16 @@ SELECT user_id,
 FROM events WHERE user_id IS NOT NULL
 GROUP BY user_id ORDER BY messages DESC NULLS LAST, tokens DESC LIMIT 20
 """,
+    # the per-minute counters the pipeline keeps (exact: never sampled), last hour first
+    "minutes": """
+SELECT minute, nullif(server_id, '') AS server_id,
+       coalesce(sum(count) FILTER (WHERE name = 'messages'), 0) AS messages,
+       coalesce(sum(count) FILTER (WHERE name = 'cache_hits'), 0) AS cache_hits,
+       coalesce(sum(count) FILTER (WHERE name = 'errors'), 0) AS errors,
+       coalesce(sum(count) FILTER (WHERE name = 'rate_limited'), 0) AS rate_limited
+FROM aggregates WHERE minute >= now() - INTERVAL 1 HOUR
+GROUP BY ALL ORDER BY minute DESC, messages DESC
+""",
 }
 
 #: statement types an operator's query may have (not EXPLAIN: EXPLAIN ANALYZE runs a write)

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from actors.cache import CacheClient, CacheConfig, ResponseCache, cache_key
 from actors.schemas import IncomingMessage
-from bot.llm import LLMRequest, OfflineResponder
-from bot.pipeline import ChatPipeline, cache_scope_id
+from bot.pipeline import cache_scope_id
 from bot.runtime import Runtime
 from tests.conftest import FakeClock, make_settings
 
@@ -192,7 +191,7 @@ def test_per_user_scope_is_the_default_and_shared_scopes_are_opt_in() -> None:
 
 
 @pytest.mark.asyncio
-async def test_invalidation_by_scope_by_user_and_of_everything() -> None:
+async def test_invalidation_by_user_and_of_everything() -> None:
     cache = raw_cache()
     cache.set_now("u1-own", "1", scope="user:u1", user="u1")
     cache.set_now("u1-server", "2", scope="server:s", user="u1")
@@ -202,13 +201,11 @@ async def test_invalidation_by_scope_by_user_and_of_everything() -> None:
 
     assert await cache.invalidate_user("u1") == 2
     assert cache.get_now("u1-own") is None and cache.get_now("u1-server") is None
-    assert await cache.invalidate_scope("server:s") == 1
-    assert cache.get_now("u2-server") is None
+    assert cache.get_now("u2-server") == "3"
     assert cache.get_now("u2-own") == "4"
-    assert await cache.invalidate_scope("server:none") == 0
     assert await cache.delete("u2-own") is True
     assert await cache.delete("u2-own") is False
-    assert await cache.clear() == 1
+    assert await cache.clear() == 2  # u2-server and u3-global
     stats = await cache.stats()
     assert stats.entries == 0 and stats.stored_bytes == 0 and stats.raw_bytes == 0
 
@@ -308,47 +305,3 @@ async def test_sharding_sends_each_key_to_exactly_one_replica_and_spreads_them(
         assert await client.clear() == 300
     finally:
         await rt.shutdown(kill_actors=True)
-
-
-@pytest.mark.ray
-@pytest.mark.asyncio
-async def test_warm_calls_the_llm_only_for_missing_prompts_and_the_pipeline_then_hits(
-    pipeline: ChatPipeline, user: str
-) -> None:
-    llm = OfflineResponder()
-    calls: list[str] = []
-
-    async def generate(prompt: str) -> str:
-        calls.append(prompt)
-        if prompt == "explode":
-            raise RuntimeError("upstream said no")
-        return (await llm.generate(LLMRequest(prompt=prompt, model=pipeline.model))).text
-
-    scope = f"user:{user}"
-    versions = {"model": pipeline.model, "system_version": pipeline.settings.pipeline.system_prompt_version}
-    first = await pipeline.cache.warm(
-        ["What is Ray?", "what  is ray?", "How do actors restart?", "explode"],
-        scope,
-        generate,
-        user=user,
-        concurrency=2,
-        **versions,
-    )
-    assert (first.distinct, first.already_cached, first.generated, first.failed) == (3, 0, 2, 1)
-    assert llm.calls == 2
-
-    second = await pipeline.cache.warm(
-        ["WHAT IS RAY?", "How do actors restart?"], scope, generate, **versions
-    )
-    assert (second.already_cached, second.generated) == (2, 0)
-    assert llm.calls == 2 and len(calls) == 3
-
-    reply = await pipeline.handle(
-        IncomingMessage(text="what is ray?", user_id=user, scope="c", stateless=True)
-    )
-    assert reply.cached
-    other = await pipeline.handle(
-        IncomingMessage(text="what is ray?", user_id=user + "-other", scope="c", stateless=True)
-    )
-    assert not other.cached
-    assert await pipeline.cache.invalidate_user(user) == 2

@@ -18,8 +18,9 @@ async def test_the_gate_admits_waiters_in_arrival_order_and_skips_the_cancelled(
     order: list[int] = []
 
     async def waiter(i: int) -> None:
-        async with gate.slot():
-            order.append(i)
+        await gate.acquire()
+        order.append(i)
+        gate.release()
 
     tasks = [asyncio.create_task(waiter(i)) for i in range(5)]
     await asyncio.sleep(0)  # one loop pass runs each new task up to its first wait

@@ -12,6 +12,7 @@ from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import IncomingMessage
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime
+from storage.analytics_db import REPORTS
 from tests.conftest import make_settings
 
 
@@ -111,3 +112,34 @@ async def test_malformed_input_is_rejected_with_the_field(pipeline: ChatPipeline
     with pytest.raises(InputRejected) as caught:
         await pipeline.handle({"text": "hi", "user_id": "", "scope": "c"})
     assert caught.value.reason.startswith("user_id")
+
+
+@pytest.mark.asyncio
+async def test_per_minute_counters_count_messages_cache_hits_and_denials_per_server(
+    pipeline: ChatPipeline, user: str
+) -> None:
+    server = f"server-{user}"
+    limit = pipeline.settings.ratelimit.command.minute
+    for _ in range(limit + 1):
+        try:
+            await pipeline.handle(
+                message("a counted question", user, server_id=server, kind="command", stateless=True)
+            )
+        except RateLimited:
+            pass
+        await pipeline.writes.drain(10)
+    await pipeline.analytics.flush()
+    result = await pipeline.analytics.query(
+        f"SELECT name, sum(count)::BIGINT FROM aggregates WHERE server_id = '{server}' GROUP BY 1 ORDER BY 1"
+    )
+    # the first answer is generated, every later allowed one is a cache hit, the last is denied
+    assert dict(result.rows) == {"cache_hits": limit - 1, "messages": limit, "rate_limited": 1}
+    minutes = await pipeline.analytics.query(REPORTS["minutes"])
+    columns = list(minutes.columns)
+    (row,) = [dict(zip(columns, r, strict=True)) for r in minutes.rows if r[1] == server]
+    assert (row["messages"], row["cache_hits"], row["errors"], row["rate_limited"]) == (
+        limit,
+        limit - 1,
+        0,
+        1,
+    )
