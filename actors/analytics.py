@@ -140,7 +140,8 @@ def table_to_ipc(table: pa.Table) -> bytes:
     out = pa.BufferOutputStream()
     with pa.ipc.new_stream(out, table.schema) as writer:
         writer.write_table(table)
-    return out.getvalue().to_pybytes()
+    ipc: bytes = out.getvalue().to_pybytes()
+    return ipc
 
 
 def events_table(events: bytes | pa.Table | Sequence[EventRow]) -> pa.Table:
@@ -179,7 +180,7 @@ def open_db(path: Path, config: AnalyticsConfig) -> AnalyticsDB:
 
 
 def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(col, type=f.type) for col, f in zip(columns, EVENTS_SCHEMA, strict=True)],
         schema=EVENTS_SCHEMA,
@@ -188,7 +189,7 @@ def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
 
 def aggregates_to_table(batches: Sequence[tuple[str, Sequence[AggregateRow]]]) -> pa.Table:
     flat = [(batch_id, *row) for batch_id, rows in batches for row in rows]
-    columns = list(zip(*flat, strict=True)) if flat else [[] for _ in AGGREGATES_SCHEMA]
+    columns: list[Sequence[Any]] = list(zip(*flat, strict=True)) if flat else [[] for _ in AGGREGATES_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(col, type=f.type) for col, f in zip(columns, AGGREGATES_SCHEMA, strict=True)],
         schema=AGGREGATES_SCHEMA,
@@ -300,7 +301,7 @@ class AnalyticsSink(Service):
         if aggregates and not batch_id:
             raise ValueError("aggregates need a batch_id so a resend is applied once")
         table = events_table(events)
-        count = table.num_rows
+        count: int = table.num_rows
         if not count and not aggregates:
             return 0
         self._open()
@@ -515,7 +516,7 @@ class AnalyticsClient(ShardedClient):
         self._counts: dict[tuple[str, str, int], int] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self._replayer: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[bool] | None = None
         self._inflight: set[asyncio.Task[bool]] = set()
         self._retry: list[_Batch] = []
         self._spill_file: IO[str] | None = None
@@ -593,7 +594,9 @@ class AnalyticsClient(ShardedClient):
             # converted here, not at the sink: its loop then leaves the interpreter lock to
             # DuckDB's insert (which takes it back for each chunk it scans)
             events = table_to_ipc(rows_to_table(batch.rows)) if batch.rows else []
-            await self._call(self.handles[0], "append_batch", events, batch.aggregates, batch.batch_id)
+            await self._call(
+                self.handles[0], AnalyticsSink.append_batch, events, batch.aggregates, batch.batch_id
+            )
         except Exception as exc:
             self.failed_deliveries += 1
             self._last_failure = self.clock()
@@ -697,10 +700,10 @@ class AnalyticsClient(ShardedClient):
         )
 
     async def query(self, sql: str, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
-        return await self._call(self.handles[0], "query", sql, max_rows, timeout)  # type: ignore[return-value]
+        return await self._call(self.handles[0], AnalyticsSink.query, sql, max_rows, timeout)
 
     async def export_parquet(self, out_dir: str) -> dict[str, int]:
-        return await self._call(self.handles[0], "export_parquet", out_dir)  # type: ignore[return-value]
+        return await self._call(self.handles[0], AnalyticsSink.export_parquet, out_dir)
 
     async def stats(self) -> list[AnalyticsStats]:
-        return await self._call_all("stats")  # type: ignore[return-value]
+        return await self._call_all(AnalyticsSink.stats)
