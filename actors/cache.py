@@ -45,8 +45,8 @@ class CacheConfig(BaseModel):
     #: values whose UTF-8 form is larger than this many bytes are stored lz4-compressed
     compress_threshold: int = Field(default=1024, ge=0)
     #: lz4 block level: 0 is lz4's fast mode; 1-12 is its high-compression mode. Sets run
-    #: off the reply path, so the default pays a slower set (~3x) for ~3 points more saved;
-    #: gets decompress equally fast either way
+    #: off the reply path, so the default pays a slower set for a better ratio; gets
+    #: decompress equally fast either way
     compression_level: int = Field(default=3, ge=0, le=12)
     #: width of the time buckets expired entries are swept from (a lookup never serves
     #: an expired entry whatever this is; it only sets how soon the memory comes back)
