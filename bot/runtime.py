@@ -23,6 +23,7 @@ from actors.base import ShardedClient
 from actors.cache import CacheClient, ResponseCache
 from actors.context import ContextClient, ContextStore
 from actors.ratelimit import RateLimitClient, RateLimiter
+from bot.attach import NoBotFound, answers, forget_bot, record_bot
 from bot.config import Settings
 from bot.llm import LLM, OfflineResponder
 from bot.pipeline import ChatPipeline
@@ -54,21 +55,43 @@ def project_root() -> Path:
     return Path(actors.__file__).resolve().parent.parent
 
 
+@dataclass(frozen=True, slots=True)
+class RayStarted:
+    #: this call started (and so owns) the Ray instance
+    owns: bool
+    #: the Ray dashboard's URL, None when it is off (or Ray was already up)
+    dashboard_url: str | None = None
+
+
 def init_ray(settings: Settings, **kwargs: Any) -> bool:
     """Start an embedded Ray or connect to `settings.ray_address`.
 
     Returns True when this call started (and so owns) the Ray instance.
     """
+    return start_ray(settings, **kwargs).owns
+
+
+def start_ray(settings: Settings, **kwargs: Any) -> RayStarted:
+    """`init_ray`, saying also where the dashboard is.
+
+    Raises:
+        NoBotFound: nothing answers at `settings.ray_address` (Ray would retry for minutes).
+    """
     if ray.is_initialized():
-        return False
+        return RayStarted(False)
     if settings.ray_address:
-        ray.init(
+        if settings.ray_address != "auto" and not answers(settings.ray_address):
+            raise NoBotFound(
+                f"nothing answers at the Ray address {settings.ray_address} (--address).\n"
+                "Start the cluster (`ray up ray_config.yaml`), or leave --address out for an embedded Ray."
+            )
+        context = ray.init(
             address=settings.ray_address,
             namespace=settings.namespace,
             logging_level=logging.WARNING,
             **kwargs,
         )
-        return False
+        return RayStarted(False, _url(context.dashboard_url))
     # Workers must import our packages from wherever the driver does. The raylet we
     # start inherits this environment and passes it on to workers, which costs nothing
     # at actor start (a runtime_env would add a few seconds to each).
@@ -84,8 +107,33 @@ def init_ray(settings: Settings, **kwargs: Any) -> bool:
         "logging_level": logging.WARNING,
     }
     options.update(kwargs)
-    ray.init(**options)
-    return True
+    context = ray.init(**options)
+    return RayStarted(True, _url(context.dashboard_url) if options["include_dashboard"] else None)
+
+
+def _url(address: str | None) -> str | None:
+    if not address:
+        return None
+    return address if "://" in address else f"http://{address}"
+
+
+def route_ray_logs(log_file: Path) -> None:
+    """Send Ray's own log records (the token-authentication notice at start, among
+    others) to `log_file` instead of the terminal; its errors reach stderr as well.
+
+    Ray logs through the `ray` logger with a handler of its own on stderr; swapping the
+    handlers is the logging module's public way to redirect it (token auth stays on)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    errors = logging.StreamHandler()
+    errors.setLevel(logging.ERROR)
+    errors.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.addHandler(to_file)
+    ray_logger.addHandler(errors)
 
 
 def cluster_mode(settings: Settings) -> bool:
@@ -138,9 +186,11 @@ class Runtime:
         self.clients: dict[str, ShardedClient] = {}
         self.handles: dict[str, list[Any]] = {}
         self.pipeline: ChatPipeline | None = None
+        self.dashboard_url: str | None = None
 
     async def start(self, **ray_kwargs: Any) -> ChatPipeline:
-        self.owns_ray = init_ray(self.settings, **ray_kwargs)
+        started = start_ray(self.settings, **ray_kwargs)
+        self.owns_ray, self.dashboard_url = started.owns, started.dashboard_url
         for spec in SERVICES:
             handles = service_handles(self.settings, spec)
             self.handles[spec.name] = handles
@@ -168,6 +218,9 @@ class Runtime:
             analytics=self.clients["analytics"],  # type: ignore[arg-type]
             llm=llm,
         )
+        if self.owns_ray:
+            # `raycord status` and `raycord analytics` find this Ray from the state directory
+            record_bot(self.settings, self.dashboard_url)
         return self.pipeline
 
     async def flush(self, timeout: float = 30.0) -> None:
@@ -205,5 +258,6 @@ class Runtime:
                 for h in hs:
                     ray.kill(h, no_restart=True)
         if self.owns_ray:
+            forget_bot(self.settings)
             ray.shutdown()
             self.owns_ray = False
