@@ -37,7 +37,7 @@ ADDRESS_FILE = "ray-address.json"
 CONNECT_TIMEOUT = 2.0
 #: what to do, shown under every "nothing is running" message
 HOW_TO_START = "Start one with `raycord run`, or pass --address HOST:PORT of the Ray cluster it runs on."
-#: Ray's documented switch; a cluster `ray.init()` started has token authentication on
+#: Ray's switch for token authentication, which a cluster `ray.init()` starts has on
 _AUTH_MODE = "RAY_AUTH_MODE"
 
 
@@ -52,7 +52,6 @@ class RecordedBot:
     address: str
     pid: int
     namespace: str
-    auth_mode: str | None = None
     dashboard_url: str | None = None
 
 
@@ -68,7 +67,6 @@ def record_bot(settings: Settings, dashboard_url: str | None) -> Path:
         address=ray.get_runtime_context().gcs_address,
         pid=os.getpid(),
         namespace=settings.namespace,
-        auth_mode=os.environ.get(_AUTH_MODE),
         dashboard_url=dashboard_url,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,10 +144,18 @@ def attach(settings: Settings) -> RecordedBot | None:
     if ray.is_initialized():
         return None
     address, bot = locate(settings)
-    if bot is not None and bot.auth_mode and _AUTH_MODE not in os.environ:
-        # Ray turns token authentication on by itself only for a cluster it finds with
-        # `auto`; joining the recorded address needs the mode the bot's Ray started with
-        os.environ[_AUTH_MODE] = bot.auth_mode
+    if bot is not None and _AUTH_MODE not in os.environ:
+        # The recorded bot's Ray is a local cluster that `ray.init()` started, with token
+        # authentication on. Ray turns it on in a client for a local cluster it finds by
+        # itself (`auto`); for an address passed in it reads RAY_AUTH_MODE once, at import.
+        # So the step ray.init takes for `auto` is taken here, by calling Ray's own function.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        # its notice says what ray.init(logging_level=ERROR) below would keep quiet
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         ray.init(
             address=address, namespace=settings.namespace, logging_level=logging.ERROR, log_to_driver=False
