@@ -124,11 +124,10 @@ def route_ray_logs(log_file: Path) -> None:
     Ray logs through the `ray` logger with a handler of its own on stderr; swapping the
     handlers is the logging module's public way to redirect it (token auth stays on)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    # no formatters: ray.init sets its own on the `ray` logger's handlers
     to_file = logging.FileHandler(log_file, encoding="utf-8")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     errors = logging.StreamHandler()
     errors.setLevel(logging.ERROR)
-    errors.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     ray_logger = logging.getLogger("ray")
     for handler in list(ray_logger.handlers):
         ray_logger.removeHandler(handler)

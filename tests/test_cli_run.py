@@ -90,19 +90,27 @@ def test_run_on_a_terminal_says_what_it_started_and_edits_lines(tmp_path: Path) 
         assert "/help" in block
         assert "Token authentication" not in before_prompt
 
-        # the bot recorded its Ray: `raycord status` finds it from the same state directory
-        status = subprocess.run(
-            [exe, "status", "--once", "--state-dir", "state"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=180,
+        # the bot recorded its Ray: `raycord status` and `raycord analytics` find it from
+        # the same state directory (the query goes through the bot's own sink)
+        status, analytics = (
+            subprocess.Popen(
+                [exe, *argv, "--state-dir", "state"],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for argv in (["status", "--once"], ["analytics", "--format", "csv", "SELECT 41 + 1 AS answer"])
         )
-        assert status.returncode == 0, status.stderr
-        assert "Token authentication" not in status.stderr
+        out, err = status.communicate(timeout=180)
+        assert status.returncode == 0, err
+        assert "Token authentication" not in err
         for service in ("cache-0", "context-0", "ratelimit-0", "analytics-0"):
-            assert service in status.stdout
+            assert service in out
+        out, err = analytics.communicate(timeout=180)
+        assert analytics.returncode == 0, err
+        assert out.splitlines() == ["answer", "42"]
 
         # readline edits the line: Ctrl-A goes to its start, where the "h" is typed
         term.type("ello\x01h\r")
