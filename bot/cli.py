@@ -8,15 +8,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from pydantic import ValidationError
 
 from bot.attach import NoBotFound
 from bot.config import Settings
-
-if TYPE_CHECKING:
-    from bot.runtime import Runtime
 
 log = logging.getLogger("raycord")
 #: Ray's own log records, in the state directory, while `raycord run` or `chat` runs
@@ -122,7 +119,7 @@ async def _serve(settings: Settings, front_end: str, announce: bool) -> int:
     from bot.runtime import Runtime, route_ray_logs
 
     route_ray_logs(settings.state_dir.resolve() / RAY_LOG)
-    runtime: Runtime = Runtime(settings)
+    runtime = Runtime(settings)
     pipeline = await runtime.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -72,6 +72,7 @@ class ConsoleChat:
         self.user = user or getpass.getuser()
         self.interactive = stdin.isatty()
         self.scope = f"console:{self.user}"
+        self._stop = asyncio.Event()
         self._commands: dict[str, Callable[[str], Awaitable[bool]]] = {
             "help": self._help,
             "ask": self._ask,
@@ -96,7 +97,7 @@ class ConsoleChat:
             self._print("\n".join(lines))
 
     async def _readline(self, prompt: str) -> str | None:
-        """The next line of input, None at its end.
+        """The next line of input; None at its end, or once the chat is told to stop.
 
         Read in a daemon thread, not the loop's executor: a Ctrl-C that stops the chat
         must not wait, at exit, for a line nobody is typing."""
@@ -123,29 +124,23 @@ class ConsoleChat:
             loop.call_soon_threadsafe(settle, line)
 
         threading.Thread(target=read, name="raycord-console-input", daemon=True).start()
-        return await answer
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({answer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        return answer.result() if answer.done() else None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
+        """Answer every line until the input ends, `/quit`, or `stop` is set."""
+        self._stop = stop or asyncio.Event()
         with _terminal_restored(self.stdin if self.interactive else None):
             if self.interactive:
                 with contextlib.suppress(ImportError):
                     import readline  # noqa: F401  (importing it turns on input()'s line editing)
                 self._print(BANNER)
-            while not stop.is_set():
-                reading = asyncio.ensure_future(self._readline("you> "))
-                stopping = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if reading not in done:
-                    reading.cancel()
-                    break
-                line = reading.result()
-                if line is None:
-                    break
-                if not line.strip():
-                    continue
-                if not await self.handle_line(line):
+            while (line := await self._readline("you> ")) is not None:
+                if line.strip() and not await self.handle_line(line):
                     break
             if self.interactive:
                 self._print()

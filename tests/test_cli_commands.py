@@ -90,20 +90,28 @@ async def test_limits_shows_both_budgets_and_counts_nothing(runtime: Runtime, us
 @pytest.mark.asyncio
 async def test_stats_is_the_pipeline_summary(runtime: Runtime, user: str) -> None:
     pipeline, responder = _pipeline(runtime)
-    await _chat(pipeline, user, "stats please\nstats please\n")
-    await pipeline.writes.drain(10)
-    summary = await pipeline.summary()
-    cache = await pipeline.cache.stats()
-    assert summary.cache_hits == sum(s.hits for s in cache) >= 1
-    assert summary.cache_lookups == summary.cache_hits + sum(s.misses for s in cache)
-    assert summary.cache_entries == sum(s.entries for s in cache) >= 1
-    assert summary.model == "offline-echo"
-    lines = await _chat(pipeline, user, "/stats\n")
-    assert lines[0] == "model: offline-echo"
-    assert lines[1].startswith("cache: ") and "hit rate" in lines[1] and "entries" in lines[1]
-    assert lines[2].startswith("background writes pending: ")
-    assert lines[3].startswith("analytics events pending: ")
+    before = await pipeline.summary()
+    # a one-off question twice: the second answer is the cached first
+    for _ in range(2):
+        await _chat(pipeline, user, "/ask what is cached?\n")
+        await pipeline.writes.drain(10)
+    after = await pipeline.summary()
     assert responder.calls == 1
+    assert (after.cache_hits - before.cache_hits, after.cache_lookups - before.cache_lookups) == (1, 2)
+    assert after.cache_entries == sum(s.entries for s in await pipeline.cache.stats())
+    assert after.model == "offline-echo" and after.background_writes_pending == 0
+    lines = await _chat(pipeline, user, "/stats\n")
+    # the analytics queue may move between the two reads; the rest may not
+    assert lines[:3] == after.lines()[:3] and len(lines) == 4
+    assert lines[0] == "model: offline-echo"
+    hits, lookups = after.cache_hits, after.cache_lookups
+    assert (
+        lines[1] == f"cache: {hits / lookups:.0%} hit rate ({hits}/{lookups}), {after.cache_entries} entries"
+    )
+    assert lines[2:] == [
+        "background writes pending: 0",
+        f"analytics events pending: {after.analytics_pending}",
+    ]
 
 
 @pytest.mark.asyncio
@@ -121,7 +129,11 @@ async def test_model_shows_and_switches_the_model(runtime: Runtime, user: str) -
 @pytest.mark.asyncio
 async def test_reset_clears_the_conversation(runtime: Runtime, user: str) -> None:
     pipeline, _ = _pipeline(runtime)
-    lines = await _chat(pipeline, user, "first\nsecond\n/reset\n/reset\nthird\n")
+    lines = []
+    # each reply's turns are stored in the background: let them land before the next line
+    for text in ("first\n", "second\n", "/reset\n/reset\nthird\n"):
+        lines += await _chat(pipeline, user, text)
+        await pipeline.writes.drain(10)
     assert "I remember 1 earlier message(s)" in lines[1]
     assert lines[2:4] == ["Conversation cleared.", "There was nothing to clear."]
     assert "I remember" not in lines[4]
