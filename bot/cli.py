@@ -115,12 +115,16 @@ def announce_discord_ready(bot_name: str, servers: int) -> None:
     print(f"raycord: logged in to Discord as {bot_name}, on {servers} server(s)", file=sys.stderr, flush=True)
 
 
-async def _serve(settings: Settings, front_end: str, announce: bool) -> int:
-    from bot.runtime import Runtime, route_ray_logs
+async def _serve(settings: Settings, command: str, front_end: str, announce: bool) -> int:
+    from bot.runtime import ConfigurationError, Runtime, route_ray_logs
 
     route_ray_logs(settings.state_dir.resolve() / RAY_LOG)
     runtime = Runtime(settings)
-    pipeline = await runtime.start()
+    try:
+        pipeline = await runtime.start()
+    except ConfigurationError as exc:
+        print(f"raycord {command}: bad configuration: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -211,7 +215,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         front_end = "discord"
     # `run` always says what it started; `chat` only on a terminal, so piped use stays silent
     announce = args.command == "run" or sys.stdin.isatty()
-    return asyncio.run(_serve(settings, front_end, announce))
+    return asyncio.run(_serve(settings, args.command, front_end, announce))
 
 
 if __name__ == "__main__":

@@ -167,12 +167,24 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     return handles
 
 
+class ConfigurationError(Exception):
+    """The settings cannot work as given (a backend without its key); the message says why."""
+
+
 def make_llm(settings: Settings) -> LLM:
+    """The configured backend.
+
+    Raises:
+        ConfigurationError: the Gemini backend has neither an API key nor a base URL.
+    """
     if settings.llm_backend() == "offline":
         return OfflineResponder()
     from bot.llm.gemini import GeminiLLM
 
-    return GeminiLLM(settings)
+    try:
+        return GeminiLLM(settings)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
 
 
 class Runtime:
@@ -190,6 +202,14 @@ class Runtime:
     async def start(self, **ray_kwargs: Any) -> ChatPipeline:
         started = start_ray(self.settings, **ray_kwargs)
         self.owns_ray, self.dashboard_url = started.owns, started.dashboard_url
+        try:
+            # after Ray is up (the backend's metrics need it), before any actor starts
+            llm = self._llm or make_llm(self.settings)
+        except ConfigurationError:
+            if self.owns_ray:
+                ray.shutdown()
+                self.owns_ray = False
+            raise
         for spec in SERVICES:
             handles = service_handles(self.settings, spec)
             self.handles[spec.name] = handles
@@ -201,7 +221,6 @@ class Runtime:
                 self.clients[spec.name] = spec.client(handles)
         # every replica answers before the front-end takes traffic
         await asyncio.gather(*(h.ping.remote() for hs in self.handles.values() for h in hs))
-        llm = self._llm or make_llm(self.settings)
         warm = getattr(llm, "start", None)
         if warm is not None:
             # the Gemini backend's SDK process: started now, not on the first message

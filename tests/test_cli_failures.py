@@ -75,6 +75,10 @@ CASES: dict[str, Case] = {
     "run, the state directory is a file": Case(("run", "--state-dir", "{a_file}")),
     "status, malformed YAML config": Case(("status", "--once", "--config", "{bad_yaml}")),
     "config, bad value in the environment": Case(("config",), env=(("RAYCORD_DASHBOARD_PORT", "many"),)),
+    "run, the Gemini backend without a key": Case(
+        ("run", "--state-dir", "{empty}"),
+        env=(("RAYCORD_LLM__BACKEND", "gemini"), ("RAYCORD_DASHBOARD", "false")),
+    ),
     # every subcommand, those added later included
     **{f"{name} --no-such-flag": Case((name, "--no-such-flag")) for name in _subcommands()},
 }
