@@ -23,7 +23,7 @@ import ray
 from actors.analytics import AnalyticsClient
 from bot.attach import NoBotFound, attach
 from bot.config import Settings
-from bot.runtime import SERVICES, init_ray, route_ray_logs, service_handles
+from bot.runtime import SERVICES, init_ray, ray_log_path, route_ray_logs, service_handles
 from storage.analytics_db import REPORTS, AnalyticsStorageError, QueryRejected, QueryResult
 
 FORMATS = ("table", "csv", "json")
@@ -132,7 +132,7 @@ def run_analytics(args: argparse.Namespace, settings: Settings) -> int:
     if not ray.is_initialized():
         owns_ray = not _attach_to_running_bot(settings)
     if owns_ray:
-        route_ray_logs(settings.state_dir.resolve() / "ray.log")
+        route_ray_logs(ray_log_path(settings))
         init_ray(settings, include_dashboard=False)
     try:
         return asyncio.run(_run(args, settings))

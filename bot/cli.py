@@ -16,8 +16,6 @@ from bot.attach import NoBotFound
 from bot.config import Settings
 
 log = logging.getLogger("raycord")
-#: Ray's own log records, in the state directory, while `raycord run` or `chat` runs
-RAY_LOG = "ray.log"
 
 
 class ToolParser(argparse.ArgumentParser):
@@ -90,9 +88,10 @@ def backend_label(settings: Settings) -> str:
     return f"Gemini API at {settings.llm.base_url}" if settings.llm.base_url else "Gemini API"
 
 
-def start_block(settings: Settings, front_end: str, model: str, dashboard_url: str | None) -> str:
+def start_block(
+    settings: Settings, front_end: str, model: str, dashboard_url: str | None, ray_log: Path
+) -> str:
     """What `raycord run` says it started, before the first prompt."""
-    state = settings.state_dir.resolve()
     if front_end == "discord":
         where, stop = "Discord (logging in; its name follows once connected)", "Ctrl-C"
     else:
@@ -102,9 +101,9 @@ def start_block(settings: Settings, front_end: str, model: str, dashboard_url: s
             "raycord is running",
             f"  front-end  {where}",
             f"  model      {model} ({backend_label(settings)})",
-            f"  state      {state}",
+            f"  state      {settings.state_dir.resolve()}",
             f"  dashboard  {dashboard_url or 'off'}",
-            f"  Ray log    {state / RAY_LOG}",
+            f"  Ray log    {ray_log}",
             f"  stop       {stop}",
         ]
     )
@@ -116,9 +115,9 @@ def announce_discord_ready(bot_name: str, servers: int) -> None:
 
 
 async def _serve(settings: Settings, command: str, front_end: str, announce: bool) -> int:
-    from bot.runtime import ConfigurationError, Runtime, route_ray_logs
+    from bot.runtime import ConfigurationError, Runtime, ray_log_path, route_ray_logs
 
-    route_ray_logs(settings.state_dir.resolve() / RAY_LOG)
+    route_ray_logs(ray_log_path(settings))
     runtime = Runtime(settings)
     try:
         pipeline = await runtime.start()
@@ -131,7 +130,7 @@ async def _serve(settings: Settings, command: str, front_end: str, announce: boo
         loop.add_signal_handler(sig, stop.set)
     if announce:
         print(
-            start_block(settings, front_end, pipeline.model, runtime.dashboard_url),
+            start_block(settings, front_end, pipeline.model, runtime.dashboard_url, ray_log_path(settings)),
             file=sys.stderr,
             flush=True,
         )

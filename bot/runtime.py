@@ -117,6 +117,14 @@ def _url(address: str | None) -> str | None:
     return address if "://" in address else f"http://{address}"
 
 
+#: where Ray's own log records go, in the state directory, while a command runs Ray
+RAY_LOG_FILE = "ray.log"
+
+
+def ray_log_path(settings: Settings) -> Path:
+    return settings.state_dir.resolve() / RAY_LOG_FILE
+
+
 def route_ray_logs(log_file: Path) -> None:
     """Send Ray's own log records (the token-authentication notice at start, among
     others) to `log_file` instead of the terminal; its errors reach stderr as well.

@@ -133,12 +133,14 @@ def test_the_start_block_names_the_backend_and_the_dashboard(tmp_path: Path) -> 
         gemini_api_key=None,
         llm=LLMSettings(base_url="http://127.0.0.1:8765"),
     )
-    block = start_block(settings, "discord", "gemini-2.5-flash", "http://127.0.0.1:8265").splitlines()
+    log = tmp_path / "s" / "ray.log"
+    block = start_block(settings, "discord", "gemini-2.5-flash", "http://127.0.0.1:8265", log).splitlines()
     assert block[0] == "raycord is running"
     assert block[1].startswith("  front-end  Discord")
     assert block[2] == "  model      gemini-2.5-flash (Gemini API at http://127.0.0.1:8765)"
     assert block[3] == f"  state      {(tmp_path / 's').resolve()}"
     assert block[4] == "  dashboard  http://127.0.0.1:8265"
+    assert block[5] == f"  Ray log    {log}"
     assert block[-1] == "  stop       Ctrl-C"
 
 
