@@ -7,7 +7,6 @@ bench/results/<name>.json, <name>.md and <name>.png (BENCHMARKS.md quotes them).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import itertools
@@ -537,7 +536,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="raycord loadtest", description=__doc__)
+    from bot.cli import ToolParser
+
+    parser = ToolParser(prog="raycord loadtest", description=__doc__)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--ramp-up", type=float, default=5.0)

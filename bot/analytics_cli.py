@@ -1,8 +1,8 @@
 """`raycord analytics`: read-only SQL, built-in reports and Parquet export, through the sink.
 
 DuckDB allows one writing process, so the command never opens the database itself: it
-connects to Ray (a cluster with `--address`, or an embedded one) and asks the
-`analytics-0` actor, getting or creating only that actor.
+asks the `analytics-0` actor of the running bot (found as `raycord status` finds it), or,
+with no bot running, of an embedded Ray it starts, creating only that actor.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any
 import ray
 
 from actors.analytics import AnalyticsClient
+from bot.attach import NoBotFound, attach
 from bot.config import Settings
-from bot.runtime import SERVICES, init_ray, service_handles
+from bot.runtime import SERVICES, init_ray, ray_log_path, route_ray_logs, service_handles
 from storage.analytics_db import REPORTS, AnalyticsStorageError, QueryRejected, QueryResult
 
 FORMATS = ("table", "csv", "json")
@@ -114,15 +116,49 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_analytics(args: argparse.Namespace, settings: Settings) -> int:
-    """The `raycord analytics` command; returns the exit status."""
+    """The `raycord analytics` command; returns the exit status.
+
+    Queries go through the running bot's sink when one is found (given with --address,
+    or recorded in the state directory); with none running, an embedded Ray opens the
+    state directory's database, which must exist.
+
+    Raises:
+        NoBotFound: nothing answers at the address given, or no bot and no database.
+    """
     if args.max_rows is not None and args.max_rows < 1:
         print("raycord analytics: --max-rows must be at least 1", file=sys.stderr)
         return 2
-    extra: dict[str, Any] = {} if settings.ray_address else {"include_dashboard": False}
-    owns_ray = init_ray(settings, **extra)
+    owns_ray = False
+    if not ray.is_initialized():
+        owns_ray = not _attach_to_running_bot(settings)
+    if owns_ray:
+        route_ray_logs(ray_log_path(settings))
+        init_ray(settings, include_dashboard=False)
     try:
         return asyncio.run(_run(args, settings))
     finally:
         if owns_ray:
             # the embedded Ray and the sink in it end with this command: release the file
             ray.shutdown()
+
+
+def _attach_to_running_bot(settings: Settings) -> bool:
+    """Join the running bot's cluster; False when none runs and the database is there to open."""
+    try:
+        attach(settings)
+    except NoBotFound as exc:
+        database = settings.state_dir.resolve() / "analytics.duckdb"
+        given = settings.ray_address or os.environ.get("RAY_ADDRESS")
+        if given or not database.is_file():
+            if not given:
+                raise NoBotFound(f"no analytics database at {database}, and {exc}") from exc
+            raise
+        return False
+    try:
+        ray.get_actor("analytics-0", namespace=settings.namespace)
+    except ValueError:
+        raise NoBotFound(
+            f"no raycord analytics sink in namespace {settings.namespace!r} on this Ray cluster.\n"
+            "Start the bot with `raycord run`, or set RAYCORD_NAMESPACE to the namespace it runs in."
+        ) from None
+    return True

@@ -8,10 +8,21 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
+from pydantic import ValidationError
+
+from bot.attach import NoBotFound
 from bot.config import Settings
 
 log = logging.getLogger("raycord")
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse that fails in one line: what was wrong, and where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raycord", description=__doc__)
+    parser = ToolParser(prog="raycord", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="start the bot: Discord when DISCORD_TOKEN is set, else the terminal chat"
@@ -60,17 +71,69 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-async def _serve(settings: Settings, front_end: str) -> int:
-    from bot.runtime import Runtime
+def _one_line(exc: BaseException) -> str:
+    """A configuration error in one line: pydantic's first error, or the message squeezed."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors()
+        first = errors[0]
+        where = ".".join(str(p) for p in first["loc"]) or "configuration"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return f"{where}: {first['msg']}{more}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
+
+def backend_label(settings: Settings) -> str:
+    if settings.llm_backend() == "offline":
+        return "offline responder; set GEMINI_API_KEY for Gemini"
+    return f"Gemini API at {settings.llm.base_url}" if settings.llm.base_url else "Gemini API"
+
+
+def start_block(
+    settings: Settings, front_end: str, model: str, dashboard_url: str | None, ray_log: Path
+) -> str:
+    """What `raycord run` says it started, before the first prompt."""
+    if front_end == "discord":
+        where, stop = "Discord (logging in; its name follows once connected)", "Ctrl-C"
+    else:
+        where, stop = "terminal chat (/help lists the commands)", "/quit or Ctrl-D (Ctrl-C works too)"
+    return "\n".join(
+        [
+            "raycord is running",
+            f"  front-end  {where}",
+            f"  model      {model} ({backend_label(settings)})",
+            f"  state      {settings.state_dir.resolve()}",
+            f"  dashboard  {dashboard_url or 'off'}",
+            f"  Ray log    {ray_log}",
+            f"  stop       {stop}",
+        ]
+    )
+
+
+def announce_discord_ready(bot_name: str, servers: int) -> None:
+    """The line `raycord run` prints when the Discord front-end has logged in (on_ready)."""
+    print(f"raycord: logged in to Discord as {bot_name}, on {servers} server(s)", file=sys.stderr, flush=True)
+
+
+async def _serve(settings: Settings, command: str, front_end: str, announce: bool) -> int:
+    from bot.runtime import ConfigurationError, Runtime, ray_log_path, route_ray_logs
+
+    route_ray_logs(ray_log_path(settings))
     runtime = Runtime(settings)
-    pipeline = await runtime.start()
+    try:
+        pipeline = await runtime.start()
+    except ConfigurationError as exc:
+        print(f"raycord {command}: bad configuration: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    backend = "offline responder" if settings.llm_backend() == "offline" else "Gemini"
-    print(f"raycord: {front_end} front-end, model {pipeline.model} ({backend})", file=sys.stderr)
+    if announce:
+        print(
+            start_block(settings, front_end, pipeline.model, runtime.dashboard_url, ray_log_path(settings)),
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         if front_end == "discord":
             from bot.discord_app import run_discord
@@ -85,23 +148,51 @@ async def _serve(settings: Settings, front_end: str) -> int:
     return 0
 
 
+def _usable_state_dir(settings: Settings) -> str | None:
+    """Why the state directory cannot hold the bot's state, or None when it can."""
+    try:
+        settings.state_dir.resolve().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot use the state directory {settings.state_dir}: {exc.strerror or exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["loadtest"]:
         from bench.loadtest import main as loadtest_main
 
         return loadtest_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand that got them, as argparse says its other errors
+        prog = f"raycord {args.command}"
+        parser.exit(2, f"{prog}: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except NoBotFound as exc:
+        print(f"raycord {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    prog = f"raycord {args.command}"
     if args.command == "fake-gemini":
         from bot.llm.fake_server import config_from_args, serve
 
-        asyncio.run(serve(args.host, args.port, config_from_args(args)))
+        try:
+            asyncio.run(serve(args.host, args.port, config_from_args(args)))
+        except OSError as exc:
+            print(f"{prog}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         settings = load_settings(args)
     except Exception as exc:
-        print(f"raycord: bad configuration: {exc}", file=sys.stderr)
+        print(f"{prog}: bad configuration: {_one_line(exc)}", file=sys.stderr)
         return 2
     if args.command == "config":
         print(settings.masked_json())
@@ -114,10 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         from bot.analytics_cli import run_analytics
 
         return run_analytics(args, settings)
+    problem = _usable_state_dir(settings)
+    if problem is not None:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return 2
     front_end = "terminal"
     if args.command == "run" and settings.discord_token is not None:
         front_end = "discord"
-    return asyncio.run(_serve(settings, front_end))
+    # `run` always says what it started; `chat` only on a terminal, so piped use stays silent
+    announce = args.command == "run" or sys.stdin.isatty()
+    return asyncio.run(_serve(settings, args.command, front_end, announce))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -113,6 +114,31 @@ class BackgroundWrites:
             return 0
         _, still = await asyncio.wait(set(self._tasks), timeout=timeout)
         return len(still)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSummary:
+    """What `/stats` shows an operator, in every front-end."""
+
+    model: str
+    cache_hits: int
+    cache_lookups: int
+    cache_entries: int
+    background_writes_pending: int
+    analytics_pending: int
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        return self.cache_hits / self.cache_lookups if self.cache_lookups else None
+
+    def lines(self) -> list[str]:
+        rate = "n/a" if self.cache_hit_rate is None else f"{self.cache_hit_rate:.0%}"
+        return [
+            f"model: {self.model}",
+            f"cache: {rate} hit rate ({self.cache_hits}/{self.cache_lookups}), {self.cache_entries} entries",
+            f"background writes pending: {self.background_writes_pending}",
+            f"analytics events pending: {self.analytics_pending}",
+        ]
 
 
 def cache_scope_id(msg: IncomingMessage) -> str:
@@ -311,6 +337,19 @@ class ChatPipeline:
     async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
         """`user`'s message and command budgets (and the server's): reading them costs nothing."""
         return await self.limiter.usage(user, server)
+
+    async def summary(self) -> PipelineSummary:
+        """The model, the cache's hit rate and entries, and the writes still pending."""
+        cache, analytics = await asyncio.gather(self.cache.stats(), self.analytics.stats())
+        hits = sum(s.hits for s in cache)
+        return PipelineSummary(
+            model=self.model,
+            cache_hits=hits,
+            cache_lookups=hits + sum(s.misses for s in cache),
+            cache_entries=sum(s.entries for s in cache),
+            background_writes_pending=self.writes.pending,
+            analytics_pending=sum(s.pending for s in analytics),
+        )
 
     def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:
         return cache_key(

@@ -23,6 +23,7 @@ from actors.base import ShardedClient
 from actors.cache import CacheClient, ResponseCache
 from actors.context import ContextClient, ContextStore
 from actors.ratelimit import RateLimitClient, RateLimiter
+from bot.attach import NoBotFound, answers, forget_bot, record_bot
 from bot.config import Settings
 from bot.llm import LLM, OfflineResponder
 from bot.pipeline import ChatPipeline
@@ -54,21 +55,43 @@ def project_root() -> Path:
     return Path(actors.__file__).resolve().parent.parent
 
 
+@dataclass(frozen=True, slots=True)
+class RayStarted:
+    #: this call started (and so owns) the Ray instance
+    owns: bool
+    #: the Ray dashboard's URL, None when it is off (or Ray was already up)
+    dashboard_url: str | None = None
+
+
 def init_ray(settings: Settings, **kwargs: Any) -> bool:
     """Start an embedded Ray or connect to `settings.ray_address`.
 
     Returns True when this call started (and so owns) the Ray instance.
     """
+    return start_ray(settings, **kwargs).owns
+
+
+def start_ray(settings: Settings, **kwargs: Any) -> RayStarted:
+    """`init_ray`, saying also where the dashboard is.
+
+    Raises:
+        NoBotFound: nothing answers at `settings.ray_address` (Ray would retry for minutes).
+    """
     if ray.is_initialized():
-        return False
+        return RayStarted(False)
     if settings.ray_address:
-        ray.init(
+        if settings.ray_address != "auto" and not answers(settings.ray_address):
+            raise NoBotFound(
+                f"nothing answers at the Ray address {settings.ray_address} (--address).\n"
+                "Start the cluster (`ray up ray_config.yaml`), or leave --address out for an embedded Ray."
+            )
+        context = ray.init(
             address=settings.ray_address,
             namespace=settings.namespace,
             logging_level=logging.WARNING,
             **kwargs,
         )
-        return False
+        return RayStarted(False, _url(context.dashboard_url))
     # Workers must import our packages from wherever the driver does. The raylet we
     # start inherits this environment and passes it on to workers, which costs nothing
     # at actor start (a runtime_env would add a few seconds to each).
@@ -84,8 +107,40 @@ def init_ray(settings: Settings, **kwargs: Any) -> bool:
         "logging_level": logging.WARNING,
     }
     options.update(kwargs)
-    ray.init(**options)
-    return True
+    context = ray.init(**options)
+    return RayStarted(True, _url(context.dashboard_url) if options["include_dashboard"] else None)
+
+
+def _url(address: str | None) -> str | None:
+    if not address:
+        return None
+    return address if "://" in address else f"http://{address}"
+
+
+#: where Ray's own log records go, in the state directory, while a command runs Ray
+RAY_LOG_FILE = "ray.log"
+
+
+def ray_log_path(settings: Settings) -> Path:
+    return settings.state_dir.resolve() / RAY_LOG_FILE
+
+
+def route_ray_logs(log_file: Path) -> None:
+    """Send Ray's own log records (the token-authentication notice at start, among
+    others) to `log_file` instead of the terminal; its errors reach stderr as well.
+
+    Ray logs through the `ray` logger with a handler of its own on stderr; swapping the
+    handlers is the logging module's public way to redirect it (token auth stays on)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    # no formatters: ray.init sets its own on the `ray` logger's handlers
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    errors = logging.StreamHandler()
+    errors.setLevel(logging.ERROR)
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        ray_logger.removeHandler(handler)
+    ray_logger.addHandler(to_file)
+    ray_logger.addHandler(errors)
 
 
 def cluster_mode(settings: Settings) -> bool:
@@ -120,12 +175,24 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     return handles
 
 
+class ConfigurationError(Exception):
+    """The settings cannot work as given (a backend without its key); the message says why."""
+
+
 def make_llm(settings: Settings) -> LLM:
+    """The configured backend.
+
+    Raises:
+        ConfigurationError: the Gemini backend has neither an API key nor a base URL.
+    """
     if settings.llm_backend() == "offline":
         return OfflineResponder()
     from bot.llm.gemini import GeminiLLM
 
-    return GeminiLLM(settings)
+    try:
+        return GeminiLLM(settings)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from exc
 
 
 class Runtime:
@@ -138,9 +205,19 @@ class Runtime:
         self.clients: dict[str, ShardedClient] = {}
         self.handles: dict[str, list[Any]] = {}
         self.pipeline: ChatPipeline | None = None
+        self.dashboard_url: str | None = None
 
     async def start(self, **ray_kwargs: Any) -> ChatPipeline:
-        self.owns_ray = init_ray(self.settings, **ray_kwargs)
+        started = start_ray(self.settings, **ray_kwargs)
+        self.owns_ray, self.dashboard_url = started.owns, started.dashboard_url
+        try:
+            # after Ray is up (the backend's metrics need it), before any actor starts
+            llm = self._llm or make_llm(self.settings)
+        except ConfigurationError:
+            if self.owns_ray:
+                ray.shutdown()
+                self.owns_ray = False
+            raise
         for spec in SERVICES:
             handles = service_handles(self.settings, spec)
             self.handles[spec.name] = handles
@@ -152,7 +229,6 @@ class Runtime:
                 self.clients[spec.name] = spec.client(handles)
         # every replica answers before the front-end takes traffic
         await asyncio.gather(*(h.ping.remote() for hs in self.handles.values() for h in hs))
-        llm = self._llm or make_llm(self.settings)
         warm = getattr(llm, "start", None)
         if warm is not None:
             # the Gemini backend's SDK process: started now, not on the first message
@@ -168,6 +244,9 @@ class Runtime:
             analytics=self.clients["analytics"],  # type: ignore[arg-type]
             llm=llm,
         )
+        if self.owns_ray:
+            # `raycord status` and `raycord analytics` find this Ray from the state directory
+            record_bot(self.settings, self.dashboard_url)
         return self.pipeline
 
     async def flush(self, timeout: float = 30.0) -> None:
@@ -205,5 +284,6 @@ class Runtime:
                 for h in hs:
                     ray.kill(h, no_restart=True)
         if self.owns_ray:
+            forget_bot(self.settings)
             ray.shutdown()
             self.owns_ray = False

@@ -8,7 +8,6 @@ from the analytics events in DuckDB, and renders them with rich.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actors.base import ServiceHealth
+from bot.attach import NoBotFound, attach
 from bot.config import Settings
 
 #: the services whose replicas `bot.runtime` names `<service>-<shard>`
@@ -264,22 +264,28 @@ def render(snapshot: Snapshot, settings: Settings) -> Group:
     return Group(banner, services, figures)
 
 
-def connect(settings: Settings) -> None:
-    """Join the running cluster (never start one: there would be no services to show)."""
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray_address or "auto",
-            namespace=settings.namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+def no_services(snapshot: Snapshot, settings: Settings) -> NoBotFound | None:
+    """An error when the cluster runs none of raycord's services in our namespace."""
+    if any(r.up or r.error != "not running" for r in snapshot.replicas):
+        return None
+    return NoBotFound(
+        f"no raycord services in namespace {settings.namespace!r} on this Ray cluster.\n"
+        "Start the bot with `raycord run`, or set RAYCORD_NAMESPACE to the namespace it runs in."
+    )
 
 
 async def run_status(settings: Settings, *, once: bool = False, console: Console | None = None) -> int:
-    """Render the dashboard once, or live until interrupted. Returns the exit code."""
+    """Render the dashboard once, or live until interrupted. Returns the exit code.
+
+    Raises:
+        NoBotFound: no bot runs where the settings point, or none of its services do.
+    """
     console = console or Console()
-    connect(settings)
+    attach(settings)
     snapshot = await collect(settings)
+    missing = no_services(snapshot, settings)
+    if missing is not None:
+        raise missing
     if once:
         console.print(render(snapshot, settings))
         return 0
