@@ -423,3 +423,39 @@ async def test_context_survives_a_full_restart_of_the_runtime(ray_session: None,
         assert again.turns == built.turns and again.version == built.version
     finally:
         await second.shutdown(kill_actors=True)
+
+
+@pytest.mark.asyncio
+async def test_with_synchronous_normal_a_hard_kill_mid_load_loses_no_acknowledged_turn(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # NORMAL answers once the commit is in the OS's page cache: the process's death loses nothing
+    rt = Runtime(make_settings(tmp_path, context={"synchronous": "NORMAL", "commit_delay_seconds": 0}))
+    try:
+        await rt.start()
+        client = rt.clients["context"]
+        assert isinstance(client, ContextClient)
+        handle = rt.handles["context"][0]
+        pid = await _actor_pid(handle)
+        acknowledged: list[int] = []
+        some_acknowledged = asyncio.Event()
+
+        async def append(i: int) -> None:
+            await client.append(
+                f"chan-{i}", "ada", [Turn(role="user", author="ada", text=f"turn {i}", time=1.0)]
+            )
+            acknowledged.append(i)
+            if len(acknowledged) >= 30:
+                some_acknowledged.set()
+
+        calls = [asyncio.ensure_future(append(i)) for i in range(300)]
+        await some_acknowledged.wait()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert 30 <= len(acknowledged)
+        await _wait_until_answering(handle)
+        assert await _actor_pid(handle) != pid
+        for i in acknowledged:
+            assert texts((await client.build(f"chan-{i}", "ada")).turns) == [f"turn {i}"]
+    finally:
+        await rt.shutdown(kill_actors=True)

@@ -362,3 +362,48 @@ async def test_actors_enforce_a_server_limit_across_shards_and_keep_decisions_th
     finally:
         for handle in handles:
             ray.kill(handle, no_restart=True)
+
+
+@pytest.mark.asyncio
+async def test_with_synchronous_normal_a_hard_kill_mid_load_loses_no_acknowledged_decision(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # NORMAL answers once the commit is in the OS's page cache: the process's death loses nothing
+    config = RateLimitConfig(message=WindowLimits(minute=1000, hour=1000, day=1000), synchronous="NORMAL")
+    settings = make_settings(tmp_path, ratelimit=config)
+    spec = next(s for s in SERVICES if s.name == "ratelimit")
+    handles = service_handles(settings, spec)
+    client = RateLimitClient(handles)
+    try:
+        pid = await handles[0].__ray_call__.remote(lambda actor: os.getpid())
+        allowed = 0
+        some_allowed = asyncio.Event()
+
+        async def check() -> RateDecision:
+            nonlocal allowed
+            decision = await client.check("loaded")
+            allowed += decision.allowed
+            if allowed >= 30:
+                some_allowed.set()
+            return decision
+
+        calls = [asyncio.ensure_future(check()) for _ in range(400)]
+        await some_allowed.wait()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*calls, return_exceptions=True)
+        acknowledged = allowed
+        for _ in range(600):
+            try:
+                after = await client.check("loaded")
+                break
+            except ServiceUnavailable:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the rate limiter did not come back")
+        counted = 1000 - 1 - after.remaining["day"]
+        assert acknowledged <= counted <= len(calls)
+        (stats,) = await client.stats()
+        assert stats.syncs <= stats.commits
+    finally:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
