@@ -82,6 +82,10 @@ class RunResult:
     file_writes: int = 0
     #: state-file commits per service (raycord only)
     file_writes_by_service: dict[str, int] = field(default_factory=dict)
+    #: syncs of state files to the disk, in total and per store (from the stores' own stats)
+    file_syncs: int = 0
+    #: per store: {"commits": n, "syncs": n}
+    stores: dict[str, dict[str, int]] = field(default_factory=dict)
     #: service calls the pipeline made, and the actor round trips that carried them
     service_calls: int = 0
     round_trips: int = 0
@@ -119,6 +123,8 @@ class RunResult:
             "db_writes": self.db_writes,
             "file_writes": self.file_writes,
             "file_writes_by_service": self.file_writes_by_service,
+            "file_syncs": self.file_syncs,
+            "stores": self.stores,
             "rss_peak_mb": peak / 2**20,
             "error_kinds": sorted({s.error for s in self.samples if s.error}),
             "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
@@ -355,8 +361,10 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
             ours.tokens_in = llm.stats().tokens_in
-            ours.db_writes, ours.file_writes_by_service = await _service_writes(runtime)
-            ours.file_writes = sum(ours.file_writes_by_service.values())
+            ours.db_writes, ours.stores = await _service_writes(runtime)
+            ours.file_writes_by_service = {name: io["commits"] for name, io in ours.stores.items()}
+            ours.file_writes = sum(io["commits"] for io in ours.stores.values())
+            ours.file_syncs = sum(io["syncs"] for io in ours.stores.values())
             for client in runtime.clients.values():
                 batching = client.batching()
                 ours.service_calls += batching["calls"]
@@ -375,6 +383,9 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             before.llm_calls, before.coalesced = llm_counts(naive_llm)
             before.tokens_in = naive_llm.stats().tokens_in
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
+            # the naive limiter fsyncs its file on every write; its context lives in memory
+            before.file_syncs = naive.file_writes
+            before.stores = {"ratelimit": {"commits": naive.file_writes, "syncs": naive.file_writes}}
         finally:
             naive.close()
             await naive_llm.aclose()
@@ -391,19 +402,21 @@ async def _empty_call_p50(handle: Any, calls: int = 200) -> float:
     return percentile(samples, 50)
 
 
-async def _service_writes(runtime: Any) -> tuple[int, dict[str, int]]:
-    """(database transactions, state-file commits per service) the services made, from
-    their stats."""
+async def _service_writes(runtime: Any) -> tuple[int, dict[str, dict[str, int]]]:
+    """(database transactions, {store: {"commits", "syncs"}} summed over its shards) the
+    services made, from their own stats; a service without state files is left out."""
     db = 0
-    files: dict[str, int] = {}
+    stores: dict[str, dict[str, int]] = {}
     for name, client in runtime.clients.items():
         for stats in await client.stats():
             data = stats.model_dump()
             if name == "analytics":
                 db += int(data.get("transactions", 0))
-            else:
-                files[name] = files.get(name, 0) + int(data.get("commits", 0))
-    return db, files
+            elif "commits" in data:
+                io = stores.setdefault(name, {"commits": 0, "syncs": 0})
+                io["commits"] += int(data["commits"])
+                io["syncs"] += int(data.get("syncs", 0))
+    return db, stores
 
 
 def _ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
@@ -415,6 +428,7 @@ def _ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
         "p95_latency_ratio": r(ours["latency_ms"]["p95"], naive["latency_ms"]["p95"]),
         "db_writes_ratio": r(ours["db_writes"], naive["db_writes"]),
         "file_writes_ratio": r(ours["file_writes"], naive["file_writes"]),
+        "file_syncs_ratio": r(ours["file_syncs"], naive["file_syncs"]),
     }
 
 
@@ -463,7 +477,8 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         ("LLM calls", "llm_calls", "{}"),
         ("prompt tokens per LLM call (context carried)", "llm_tokens_in_per_call", "{:.0f}"),
         ("database writes", "db_writes", "{}"),
-        ("state-file writes", "file_writes", "{}"),
+        ("state-file commits", "file_writes", "{}"),
+        ("state-file syncs (fsyncs)", "file_syncs", "{}"),
         ("peak RSS, all processes (MiB)", "rss_peak_mb", "{:.0f}"),
     ]
     lines = [
@@ -481,6 +496,15 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         a, b = ours[key], naive[key]
         ratio = f"{a / b:.3g}" if isinstance(a, int | float) and b else "-"
         lines.append(f"| {title} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    for store in sorted(set(ours["stores"]) | set(naive["stores"])):
+        a_io, b_io = ours["stores"].get(store), naive["stores"].get(store)
+        for what in ("commits", "syncs"):
+            a = None if a_io is None else a_io[what]
+            b = None if b_io is None else b_io[what]
+            ratio = f"{a / b:.3g}" if a is not None and b else "-"
+            lines.append(
+                f"| {store} store {what} | {'-' if a is None else a} | {'-' if b is None else b} | {ratio} |"
+            )
     for kind, title in (("message", "chat messages"), ("command", "/ask commands")):
         a, b = ours["cache_hit_rate_by_kind"].get(kind, 0.0), naive["cache_hit_rate_by_kind"].get(kind, 0.0)
         lines.append(f"| cache hit rate, {title} | {a:.1%} | {b:.1%} | {a / b if b else 0:.3g} |")

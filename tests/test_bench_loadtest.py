@@ -31,7 +31,14 @@ async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
         "p95_latency_ratio",
         "db_writes_ratio",
         "file_writes_ratio",
+        "file_syncs_ratio",
     }
+    # syncs are counted per store, from each store's own stats
+    ours = summary["raycord"]
+    assert set(ours["stores"]) == {"context", "ratelimit"}
+    assert ours["file_syncs"] == sum(io["syncs"] for io in ours["stores"].values())
+    assert ours["file_writes"] == sum(io["commits"] for io in ours["stores"].values())
+    assert summary["naive"]["stores"]["ratelimit"]["syncs"] == summary["naive"]["requests"]
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["results"]["config"]["users"] == 5
     assert (tmp_path / "smoke.md").read_text().startswith("# Load test `smoke`")
