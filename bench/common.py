@@ -63,8 +63,12 @@ def write_results(name: str, results: dict[str, Any], results_dir: Path | None =
     """Write `results` with machine facts to `<results_dir>/<name>.json`; returns the path."""
     out_dir = results_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_floors = results.get("floors") or {}
     doc = {
         "name": name,
+        # whether the run's own floors say its figures can be trusted (bench.floors)
+        "valid": run_floors.get("valid"),
+        "invalid_reasons": run_floors.get("reasons", ["no floors recorded"]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),

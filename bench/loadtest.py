@@ -27,6 +27,7 @@ import psutil
 from actors.errors import RaycordError
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import Attachment, ChatReply, IncomingMessage
+from bench import floors
 from bench.common import RESULTS_DIR, percentile, write_results
 from bench.naive import NaivePipeline
 from bot.config import Settings
@@ -484,6 +485,8 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
     lines = [
         f"# Load test `{name}`",
         "",
+        *floors.header(summary.get("floors")),
+        "",
         f"`{command}`",
         "",
         f"{cfg.users} users, {cfg.duration:.0f} s after a {cfg.ramp_up:.0f} s ramp-up, LLM latency "
@@ -547,12 +550,13 @@ def run(
     name = name or f"loadtest-{cfg.users}u-{int(cfg.llm_latency * 1000)}ms"
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="raycord-load-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="raycord-load-") as tmp:
         runs = asyncio.run(run_async(cfg, Path(tmp)))
     summary: dict[str, Any] = {label: r.summary() for label, r in runs.items()}
     summary["ratios"] = _ratios(summary["raycord"], summary["naive"])
     summary["config"] = asdict(cfg)
     summary["rss_series"] = {label: r.rss for label, r in runs.items()}
+    summary["floors"] = watch.result
     write_results(name, summary, out_dir)
     command = " ".join(["raycord loadtest", *sys.argv[1:]]) if size != "tiny" else "tiny smoke run"
     (out_dir / f"{name}.md").write_text(markdown(name, cfg, summary, command))

@@ -23,6 +23,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from actors.ratelimit import USER_WINDOWS, RateLimitClient, RateLimitConfig, RateLimiter, WindowLimits
+from bench import floors
 from bench.common import ratio, size_cli, summarize_ms, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -269,7 +270,7 @@ def bench_precision(requests: int) -> dict[str, Any]:
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     spec = SIZES[size]
     checks, users = spec["checks"], spec["users"]
-    with tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as tmp:
         workdir = Path(tmp)
         before = bench_before(min(checks, 2_000), users, workdir)
         library = bench_limits_library(checks, users)
@@ -301,6 +302,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
             "mb_for_10k_users_under_10": memory.get("ours_10000", {"mb": 0})["mb"] < 10,
         },
     }
+    results["floors"] = watch.result
     write_results("ratelimit_bench", results, results_dir)
     return results
 

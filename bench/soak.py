@@ -25,6 +25,7 @@ from actors.cache import CacheConfig
 from actors.context import ContextConfig
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import IncomingMessage
+from bench import floors
 from bench.common import RESULTS_DIR, rss_bytes, write_results
 from bot.config import Settings
 from bot.llm.offline import OfflineResponder
@@ -174,8 +175,9 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     # full: a message round every 5 simulated minutes (~170 messages at once, as a busy
     # bot sees them); tiny: every minute, so its two hours still sample twice
     users, hours, rate, step = (10_000, 24.0, 5.0, 300.0) if size == "full" else (100, 2.0, 40.0, 60.0)
-    with tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
         result = asyncio.run(soak(users, hours, rate, Path(tmp), step=step))
+    result["floors"] = watch.result
     samples = result["rss_by_hour"]
     # growth per process over the second half of the day, once the bounded state is full
     later = samples[len(samples) // 2 - 1 :] if len(samples) > 1 else samples
