@@ -14,7 +14,8 @@ from typing import Any
 
 import psutil
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: where results go; `bench.run_all` points a run elsewhere through RAYCORD_BENCH_RESULTS
+RESULTS_DIR = Path(os.environ.get("RAYCORD_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

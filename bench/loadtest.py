@@ -496,11 +496,14 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         "|---|---|---|---|",
     ]
     for title, key, fmt in rows:
-        a, b = ours[key], naive[key]
+        # a result from before a figure existed shows it as "-"
+        a, b = ours.get(key), naive.get(key)
         ratio = f"{a / b:.3g}" if isinstance(a, int | float) and b else "-"
-        lines.append(f"| {title} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
-    for store in sorted(set(ours["stores"]) | set(naive["stores"])):
-        a_io, b_io = ours["stores"].get(store), naive["stores"].get(store)
+        shown_a, shown_b = ("-" if v is None else fmt.format(v) for v in (a, b))
+        lines.append(f"| {title} | {shown_a} | {shown_b} | {ratio} |")
+    ours_stores, naive_stores = ours.get("stores", {}), naive.get("stores", {})
+    for store in sorted(set(ours_stores) | set(naive_stores)):
+        a_io, b_io = ours_stores.get(store), naive_stores.get(store)
         for what in ("commits", "syncs"):
             a = None if a_io is None else a_io[what]
             b = None if b_io is None else b_io[what]
