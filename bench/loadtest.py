@@ -32,6 +32,7 @@ from bench.common import RESULTS_DIR, percentile, write_results
 from bench.naive import NaivePipeline
 from bot.config import Settings
 from bot.llm.base import LLM
+from bot.status import process_memory
 
 # a 1x1 PNG: what the 10% of messages with an image carry
 TINY_PNG = bytes.fromhex(
@@ -76,6 +77,9 @@ class RunResult:
     label: str
     samples: list[Sample] = field(default_factory=list)
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    #: (seconds, {process: (pss, uss)}) sampled with `rss`: RSS counts shared pages in
+    #: every process that maps them, PSS splits them, USS is each process's own
+    shares: list[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=list)
     elapsed: float = 0.0
     llm_calls: int = 0
     coalesced: int = 0
@@ -103,6 +107,9 @@ class RunResult:
         over = [s.overhead * 1000 for s in ok]
         n = len(self.samples)
         peak = max((sum(r.values()) for _, r in self.rss), default=0)
+        pss_peak = max((sum(p for p, _ in s.values()) for _, s in self.shares), default=0)
+        uss_peak = max((sum(u for _, u in s.values()) for _, s in self.shares), default=0)
+        labels = sorted({label for _, snap in self.rss for label in snap})
         return {
             "requests": n,
             "errors": n - len(ok),
@@ -127,6 +134,17 @@ class RunResult:
             "file_syncs": self.file_syncs,
             "stores": self.stores,
             "rss_peak_mb": peak / 2**20,
+            "pss_peak_mb": pss_peak / 2**20,
+            "uss_peak_mb": uss_peak / 2**20,
+            # per process, its peak of each: what a user sees in top (RSS) and what it costs
+            "memory_peak_mb_by_process": {
+                label: {
+                    "rss": max((snap.get(label, 0) for _, snap in self.rss), default=0) / 2**20,
+                    "pss": max((s.get(label, (0, 0))[0] for _, s in self.shares), default=0) / 2**20,
+                    "uss": max((s.get(label, (0, 0))[1] for _, s in self.shares), default=0) / 2**20,
+                }
+                for label in labels
+            },
             "error_kinds": sorted({s.error for s in self.samples if s.error}),
             "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
             "round_trips_per_reply": self.round_trips / len(ok) if ok else 0.0,
@@ -175,22 +193,24 @@ class Workload:
 
 
 async def _sample_rss(
-    pids: dict[str, int], out: list[tuple[float, dict[str, int]]], every: float, t0: float
+    pids: dict[str, int],
+    out: list[tuple[float, dict[str, int]]],
+    every: float,
+    t0: float,
+    shares: list[tuple[float, dict[str, tuple[int, int]]]],
 ) -> None:
-    procs = {}
-    for label, pid in pids.items():
-        try:
-            procs[label] = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            continue
     while True:
-        snap = {}
-        for label, proc in procs.items():
-            try:
-                snap[label] = proc.memory_info().rss
-            except psutil.NoSuchProcess:
+        snap: dict[str, int] = {}
+        share: dict[str, tuple[int, int]] = {}
+        for label, pid in pids.items():
+            memory = process_memory(pid)
+            if memory is None:
                 continue
-        out.append((time.perf_counter() - t0, snap))
+            snap[label] = memory.rss
+            share[label] = (memory.pss, memory.uss)
+        now = time.perf_counter() - t0
+        out.append((now, snap))
+        shares.append((now, share))
         await asyncio.sleep(every)
 
 
@@ -265,7 +285,7 @@ async def drive(
             await asyncio.sleep(1)
             bar.update(1)
 
-    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0))
+    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0, result.shares))
     tick = asyncio.create_task(ticker())
     cpu_before = _cpu_snapshot({**pids, **(cpu_only or {})})
     await asyncio.gather(*(user(i) for i in range(cfg.users)))
@@ -481,6 +501,8 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         ("state-file commits", "file_writes", "{}"),
         ("state-file syncs (fsyncs)", "file_syncs", "{}"),
         ("peak RSS, all processes (MiB)", "rss_peak_mb", "{:.0f}"),
+        ("peak PSS, all processes (MiB; shared pages counted once)", "pss_peak_mb", "{:.0f}"),
+        ("peak USS, all processes (MiB; memory no other process shares)", "uss_peak_mb", "{:.0f}"),
     ]
     lines = [
         f"# Load test `{name}`",
@@ -525,6 +547,16 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
     for q in ("p50", "p95", "p99"):
         a, b = ours["overhead_ms"][q], naive["overhead_ms"][q]
         lines.append(f"| overhead excl. LLM {q} (ms) | {a:.2f} | {b:.2f} | {a / b if b else 0:.3g} |")
+    ours_mem, naive_mem = (
+        ours.get("memory_peak_mb_by_process", {}),
+        naive.get("memory_peak_mb_by_process", {}),
+    )
+    for proc in sorted(set(ours_mem) | set(naive_mem)):
+        cells = [
+            "-" if m is None else f"{m['rss']:.0f} / {m['pss']:.0f} / {m['uss']:.0f}"
+            for m in (ours_mem.get(proc), naive_mem.get(proc))
+        ]
+        lines.append(f"| peak memory, {proc}: RSS / PSS / USS (MiB) | {cells[0]} | {cells[1]} | - |")
     for proc in sorted(set(ours["cpu_ms_per_reply"]) | set(naive["cpu_ms_per_reply"])):
         a, b = ours["cpu_ms_per_reply"].get(proc), naive["cpu_ms_per_reply"].get(proc)
         lines.append(

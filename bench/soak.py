@@ -29,6 +29,7 @@ from bench import floors
 from bench.common import RESULTS_DIR, rss_bytes, write_results
 from bot.config import Settings
 from bot.llm.offline import OfflineResponder
+from bot.status import process_memory
 
 
 class SimClock:
@@ -151,6 +152,9 @@ async def soak(
                     {
                         "hour": (i + 1) / per_hour,
                         "rss_mb": {label: rss_bytes(pid) / 2**20 for label, pid in pids.items()},
+                        # RSS counts shared libraries in every process; PSS splits them, USS
+                        # is what only this process holds
+                        **_shares_mb(pids),
                         # the state the memory holds, to tell a full bound from a leak
                         "cache_entries": cache.entries,
                         "context_conversations_in_memory": context.conversations,
@@ -168,6 +172,15 @@ async def soak(
         "cache_max_entries": cache_entries,
         "context_memory_budget_bytes": context_budget_bytes,
         "rss_by_hour": samples,
+    }
+
+
+def _shares_mb(pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """{"pss_mb": {process: MiB}, "uss_mb": {...}} of the processes still readable."""
+    memory = {label: process_memory(pid) for label, pid in pids.items()}
+    return {
+        "pss_mb": {label: m.pss / 2**20 for label, m in memory.items() if m is not None},
+        "uss_mb": {label: m.uss / 2**20 for label, m in memory.items() if m is not None},
     }
 
 
@@ -195,9 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     result = run(parser.parse_args(argv).size)
     for s in result["rss_by_hour"]:
-        per_process = "  ".join(f"{label} {mb:6.1f}" for label, mb in s["rss_mb"].items())
+        per_process = "  ".join(
+            f"{label} {mb:6.1f}/{s['pss_mb'].get(label, 0):6.1f}/{s['uss_mb'].get(label, 0):6.1f}"
+            for label, mb in s["rss_mb"].items()
+        )
         print(
-            f"hour {s['hour']:5.1f}  RSS MiB: {per_process}  cache entries {s['cache_entries']}"
+            f"hour {s['hour']:5.1f}  RSS/PSS/USS MiB: {per_process}  cache entries {s['cache_entries']}"
             f"  conversations in memory {s['context_conversations_in_memory']}"
         )
     return 0
