@@ -47,7 +47,7 @@ class RateLimitConfig(BaseModel):
     #: sub-buckets per window: more admits closer to the ideal sliding log (a request can
     #: be held back at most one bucket, window/buckets, longer) at 4 bytes each per key
     buckets: int = Field(default=20, ge=1, le=1000)
-    #: how long a group commit waits for more checks to join it (fewer fsyncs under load)
+    #: how long a group commit waits for more checks to join it (fewer commits under load)
     commit_delay_ms: float = Field(default=1.0, ge=0, le=100)
     #: when a decision reaches the disk (storage.sqlite.SYNC_MODES): NORMAL survives any
     #: death of the actor's process and loses at most the last durability interval to a
@@ -494,7 +494,7 @@ def _merge(first: RateDecision, second: RateDecision) -> RateDecision:
 
 class RateLimitClient(ShardedClient):
     #: one batch of checks in flight: every check that arrives meanwhile joins the next
-    #: batch, so each group commit (fsync) covers all waiting callers, not half of them
+    #: batch, so each group commit covers all waiting callers, not half of them
     default_max_in_flight = 1
 
     async def check(
