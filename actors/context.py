@@ -157,6 +157,8 @@ class ContextStats(ServiceStats):
     commits: int
     #: syncs of the state file to the disk (storage.sqlite.GroupCommitter.syncs)
     syncs: int = 0
+    #: commits answered and not yet synced (NORMAL: until the next durability point)
+    unsynced_commits: int = 0
 
 
 def _check_id(what: str, value: str) -> None:
@@ -461,7 +463,12 @@ class ContextStore(Service):
             cleaned_edges=self.cleaned_edges,
             commits=self._db.committer.commits,
             syncs=self._db.committer.syncs,
+            unsynced_commits=self._db.committer.unsynced,
         )
+
+    async def synced(self) -> None:
+        """Return once every write answered so far is on disk (the next durability point)."""
+        await self._db.committer.synced()
 
     async def disk_rows(self, user: str) -> tuple[int, int]:
         """Conversation rows and graph edges on disk that name `user` (to check `forget`)."""

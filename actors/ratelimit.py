@@ -76,6 +76,8 @@ class RateLimitStats(ServiceStats):
     checks_per_commit: float
     #: syncs of the state file to the disk (storage.sqlite.GroupCommitter.syncs)
     syncs: int = 0
+    #: commits answered and not yet synced (NORMAL: until the next durability point)
+    unsynced_commits: int = 0
 
 
 class _KeyState:
@@ -473,10 +475,15 @@ class RateLimiter(Service):
             commits=commits,
             checks_per_commit=self.checks / commits if commits else 0.0,
             syncs=self._committer.syncs,
+            unsynced_commits=self._committer.unsynced,
         )
 
     async def stats(self) -> RateLimitStats:
         return self._stats()
+
+    async def synced(self) -> None:
+        """Return once every decision answered so far is on disk (the next durability point)."""
+        await self._committer.synced()
 
     async def close(self) -> None:
         await super().close()

@@ -28,20 +28,25 @@ SyncMode = Literal["FULL", "NORMAL"]
 #: before its writers are answered, so the death of the process (SIGKILL included) loses
 #: nothing acknowledged; the WAL is fsynced at one durability point per
 #: `DURABILITY_INTERVAL` in which something was committed, so a power loss loses at most
-#: that last interval, and a store makes at most one sync per interval at any load and
-#: none while idle. FULL: SQLite fsyncs the WAL in every commit before it is acknowledged
-#: (nothing is lost even to a power loss), one sync per group commit.
+#: that last interval. A store so makes one sync per interval at any load, none while
+#: idle, plus a checkpoint's few each time `CHECKPOINT_PAGES` of WAL have been written.
+#: FULL: SQLite fsyncs the WAL in every commit before it is acknowledged (nothing is lost
+#: even to a power loss), one sync per group commit.
 SYNC_MODES: tuple[SyncMode, ...] = ("FULL", "NORMAL")
 #: seconds between two durability points of a NORMAL store (the most a power loss loses)
 DURABILITY_INTERVAL = 1.0
-#: WAL pages past which a durability point checkpoints the WAL into the database file.
-#: SQLite's automatic checkpoint is off on our connections: it would run inside whichever
-#: commit crossed its threshold and add its syncs there, outside the bound above.
-CHECKPOINT_PAGES = 1000
-#: what one checkpoint that moved pages costs in syncs, as SQLite's wal.c makes them:
-#: the WAL before pages are copied, the database file after, and the WAL header when the
-#: next write restarts the log
-CHECKPOINT_SYNCS = 3
+#: WAL pages past which a durability point checkpoints the WAL into the database file
+#: (with 4 KiB pages, a WAL of some 40 MB: a restart replays at most that much). SQLite's
+#: automatic checkpoint is off on our connections: at its default of 1,000 pages it
+#: would run inside whichever commit crossed it, ten times as often, each time adding its
+#: syncs to one durability point's. Larger means rarer checkpoint syncs, a longer replay.
+CHECKPOINT_PAGES = 10_000
+#: what one checkpoint costs in syncs, as SQLite's wal.c makes them: the WAL before pages
+#: are copied and the database file after. The next write then starts a new log, whose
+#: header SQLite syncs on its own: counted with that write (`LOG_START_SYNCS`).
+CHECKPOINT_SYNCS = 2
+#: the sync of a new log's header, made by the first commit into an empty WAL
+LOG_START_SYNCS = 1
 
 
 def open_sqlite(path: Path, schema: str = "", synchronous: SyncMode = "NORMAL") -> sqlite3.Connection:
@@ -126,9 +131,11 @@ class GroupCommitter:
         self.checkpoints = 0
         #: commits not yet covered by a durability point (NORMAL only)
         self._unsynced = 0
-        self._wal_pages = 0
         self._last_point = time.monotonic()
+        #: the next commit starts a new log (an empty or absent WAL) and syncs its header
+        self._log_start = bool(self._wal_file) and self._wal_frames() == 0
         self._committed: asyncio.Event | None = None
+        self._synced: asyncio.Event | None = None
 
     async def write(self, statements: Iterable[Statement], urgent: bool = False) -> None:
         """Run `statements` in the next group commit; return once it is committed (see
@@ -191,6 +198,9 @@ class GroupCommitter:
             self.statements += len(statements)
             if not self._wal_file:
                 return
+            if self._log_start:
+                self.syncs += LOG_START_SYNCS
+                self._log_start = False
             if self.synchronous == "FULL":
                 # SQLite fsyncs the WAL inside this COMMIT
                 self.syncs += 1
@@ -208,6 +218,8 @@ class GroupCommitter:
             if wait > 0:
                 await asyncio.sleep(wait)
             await loop.run_in_executor(self._thread, self.durability_point)
+            if self._synced is not None:
+                self._synced.set()
 
     def durability_point(self) -> None:
         """Make every commit so far durable: one fsync of the WAL, or a checkpoint once the
@@ -240,6 +252,7 @@ class GroupCommitter:
         if not busy and log >= 0 and moved == log:
             self.checkpoints += 1
             self.syncs += CHECKPOINT_SYNCS
+            self._log_start = True
             return
         # a reader held the log back: SQLite synced the WAL if it copied anything, and the
         # commits since the last point are made durable here regardless
@@ -258,6 +271,14 @@ class GroupCommitter:
     def unsynced(self) -> int:
         """Commits acknowledged and not yet covered by a durability point."""
         return self._unsynced
+
+    async def synced(self) -> None:
+        """Return once every commit answered so far is on disk (at once in FULL mode)."""
+        while self._unsynced:
+            if self._synced is None:
+                self._synced = asyncio.Event()
+            self._synced.clear()
+            await self._synced.wait()
 
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A synchronous read on the same connection (sees every committed write)."""

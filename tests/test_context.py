@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from actors.schemas import Turn
 from actors.sharding import shard_index
 from bot.runtime import Runtime
 from storage.context_db import db_path
+from storage.sqlite import DURABILITY_INTERVAL
 from tests.conftest import FakeClock, make_settings
 
 MakeStore = Callable[..., ContextStore]
@@ -459,3 +461,22 @@ async def test_with_synchronous_normal_a_hard_kill_mid_load_loses_no_acknowledge
             assert texts((await client.build(f"chan-{i}", "ada")).turns) == [f"turn {i}"]
     finally:
         await rt.shutdown(kill_actors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_appends_syncs_at_most_once_per_durability_interval_and_never_idle(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
+    store = make_store(synchronous="NORMAL")
+    start = time.monotonic()
+    for i in range(200):
+        await store.append(f"chan-{i % 10}", "ada", [turn(f"turn {i}", clock)])
+    await store.synced()
+    stats = await store.stats()
+    assert stats.unsynced_commits == 0
+    elapsed = time.monotonic() - start
+    # every append was committed before it was answered, and synced once per interval at most
+    assert stats.commits >= 200
+    assert 1 <= stats.syncs <= elapsed / DURABILITY_INTERVAL + 1
+    await asyncio.sleep(2.5 * DURABILITY_INTERVAL)
+    assert (await store.stats()).syncs == stats.syncs

@@ -6,12 +6,11 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from storage.sqlite import CHECKPOINT_SYNCS, GroupCommitter, open_sqlite
+from storage.sqlite import CHECKPOINT_SYNCS, LOG_START_SYNCS, GroupCommitter, open_sqlite
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -70,14 +69,6 @@ async def test_a_delayed_commit_gathers_writers_and_an_urgent_writer_cuts_the_wa
     late.cancel()
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Wait for `condition`, checked as the event loop turns."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 @pytest.mark.asyncio
 async def test_normal_mode_makes_at_most_one_sync_per_durability_interval_under_a_burst_and_none_idle(
     tmp_path: Path,
@@ -87,7 +78,8 @@ async def test_normal_mode_makes_at_most_one_sync_per_durability_interval_under_
     start = time.monotonic()
     for i in range(300):
         await committer.write([("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))])
-    await _until(lambda: committer.unsynced == 0)
+    await committer.synced()
+    assert committer.unsynced == 0
     elapsed = time.monotonic() - start
     assert committer.commits == 300
     # every commit was acknowledged, and the syncs covering them came once per interval at most
@@ -121,8 +113,13 @@ async def test_a_grown_wal_is_checkpointed_at_a_durability_point_and_its_syncs_a
     committer.durability_point()
     assert (committer.syncs, committer.checkpoints, committer.unsynced) == (CHECKPOINT_SYNCS, 1, 0)
     assert await asyncio.to_thread(os.path.getsize, f"{path}-wal") == 0
+    # the next commit starts a new log, whose header SQLite syncs; the next point syncs the WAL
+    await committer.write([("INSERT INTO kv VALUES ('after', 1)", ())])
+    assert committer.syncs == CHECKPOINT_SYNCS + LOG_START_SYNCS
+    committer.durability_point()
+    assert committer.syncs == CHECKPOINT_SYNCS + LOG_START_SYNCS + 1
     other = sqlite3.connect(path)
-    assert other.execute("SELECT count(*) FROM kv").fetchone() == (20,)
+    assert other.execute("SELECT count(*) FROM kv").fetchone() == (21,)
     other.close()
     committer.close()
 
