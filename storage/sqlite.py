@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Statement = tuple[str, Sequence[Any]]
+log = logging.getLogger(__name__)
 SyncMode = Literal["FULL", "NORMAL"]
 
 #: NORMAL (the default): a commit is written to the WAL, i.e. into the OS's page cache,
@@ -217,7 +219,13 @@ class GroupCommitter:
             wait = self._last_point + self.durability_interval - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await loop.run_in_executor(self._thread, self.durability_point)
+            try:
+                await loop.run_in_executor(self._thread, self.durability_point)
+            except (OSError, sqlite3.Error):
+                # the commits stay unsynced and the next interval tries again
+                log.exception("durability point of %s failed", self._wal_file)
+                self._committed.set()
+                continue
             if self._synced is not None:
                 self._synced.set()
 
@@ -254,9 +262,9 @@ class GroupCommitter:
             self.syncs += CHECKPOINT_SYNCS
             self._log_start = True
             return
-        # a reader held the log back: SQLite synced the WAL if it copied anything, and the
+        # a reader held the log back: SQLite made its syncs if it copied anything, and the
         # commits since the last point are made durable here regardless
-        self.syncs += 1 if moved > 0 else 0
+        self.syncs += CHECKPOINT_SYNCS if moved > 0 else 0
         self._fsync_wal()
 
     def _fsync_wal(self) -> None:
