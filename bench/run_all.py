@@ -2,7 +2,8 @@
 generated sections rebuilt from their JSON results.
 
 `python -m bench.run_all` runs each command BENCHMARKS.md documents in its own process
-(a fresh Ray each), waits for it, and only then starts the next. The generated sections
+(a fresh Ray each), waits for it, and only then starts the next; before each it waits for
+the machine to be quiet (`../shared/tools/quiet`, when present). The generated sections
 sit between `<!-- generated: NAME -->` and `<!-- /generated: NAME -->` markers; the prose
 around them is hand-written and left alone. `--tiny` runs every command at its smoke-test
 size; `--only` picks some; `--render-only` rebuilds the sections from results already there.
@@ -28,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 #: the environment variable that sends a run's results elsewhere (bench.common reads it)
 RESULTS_ENV = "RAYCORD_BENCH_RESULTS"
+#: the shared tool that waits for the machine to be quiet (exit 0) or gives up (exit 1)
+QUIET_TOOL = ROOT.parent / "shared" / "tools" / "quiet"
 
 _LOAD_TINY = [
     "--size",
@@ -188,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rebuild the sections, run nothing")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--benchmarks-md", type=Path, default=BENCHMARKS_MD)
+    parser.add_argument(
+        "--quiet-tool",
+        type=Path,
+        default=QUIET_TOOL,
+        help="run before each full-size benchmark, which is skipped if the machine never gets quiet",
+    )
     args = parser.parse_args(argv)
     chosen = RUNS
     if args.only:
@@ -198,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         chosen = tuple(r for r in RUNS if r.name in wanted)
     failed = []
     if not args.render_only:
+        wait_quiet = not args.tiny and args.quiet_tool.exists()
         for run in chosen:
+            if wait_quiet and subprocess.run([str(args.quiet_tool)], check=False).returncode != 0:
+                failed.append(f"{run.name} (the machine never got quiet)")
+                continue
             if run_one(run, args.tiny, args.results_dir) != 0:
                 failed.append(run.name)
     text = regenerate(args.benchmarks_md.read_text(), RUNS, args.tiny, args.results_dir)
