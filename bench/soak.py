@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     result = run(parser.parse_args(argv).size)
+    print("\n".join(floors.header(result["floors"])))
     for s in result["rss_by_hour"]:
         per_process = "  ".join(
             f"{label} {mb:6.1f}/{s['pss_mb'].get(label, 0):6.1f}/{s['uss_mb'].get(label, 0):6.1f}"
