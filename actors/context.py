@@ -24,7 +24,7 @@ from actors import metrics
 from actors.base import Clock, Service, ShardedClient
 from actors.schemas import ServiceStats, Turn
 from storage.context_db import ContextDB, EdgeRow, StoredConversation, TurnRow, db_path
-from storage.sqlite import Statement
+from storage.sqlite import Statement, SyncMode
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,13 @@ class ContextConfig(BaseModel):
     #: how long a commit may wait for more writers to join it. Appends and interactions
     #: are acknowledged that much later (the bot sends them after its reply, in the
     #: background, and resends any that fail); a reset or forget never waits for it.
-    #: The bot's settings use 0.5 s; 0 commits as soon as the previous commit is done.
+    #: The bot's settings set their own (bot.config); 0 commits as soon as the previous
+    #: commit is done.
     commit_delay_seconds: float = Field(default=0.0, ge=0, le=1)
+    #: when a write reaches the disk (storage.sqlite.SYNC_MODES): NORMAL survives any
+    #: death of the actor's process and loses at most the last durability interval to a
+    #: power loss, at most one sync per interval; FULL syncs every group commit
+    synchronous: SyncMode = "NORMAL"
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,8 +152,12 @@ class ContextStats(ServiceStats):
     cleanup_runs: int
     cleaned_conversations: int
     cleaned_edges: int
-    #: SQLite group commits (one per batch of writers), i.e. state-file writes
+    #: SQLite group commits (one per batch of writers), i.e. state-file transactions
     commits: int
+    #: syncs of the state file to the disk (storage.sqlite.GroupCommitter.syncs)
+    syncs: int = 0
+    #: commits answered and not yet synced (NORMAL: until the next durability point)
+    unsynced_commits: int = 0
 
 
 def _check_id(what: str, value: str) -> None:
@@ -203,7 +212,9 @@ class ContextStore(Service):
             raise ValueError("ContextStore needs a state_dir: every write is made durable there")
         self.config = config or ContextConfig()
         self.shard = shard
-        self._db = ContextDB(db_path(Path(state_dir), shard), self.config.commit_delay_seconds)
+        self._db = ContextDB(
+            db_path(Path(state_dir), shard), self.config.commit_delay_seconds, self.config.synchronous
+        )
         #: in order of last activity (append or build), least recent first
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         self._user_keys: dict[str, set[str]] = {}
@@ -450,7 +461,13 @@ class ContextStore(Service):
             cleaned_conversations=self.cleaned_conversations,
             cleaned_edges=self.cleaned_edges,
             commits=self._db.committer.commits,
+            syncs=self._db.committer.syncs,
+            unsynced_commits=self._db.committer.unsynced,
         )
+
+    async def synced(self) -> None:
+        """Return once every write answered so far is on disk (the next durability point)."""
+        await self._db.committer.synced()
 
     async def disk_rows(self, user: str) -> tuple[int, int]:
         """Conversation rows and graph edges on disk that name `user` (to check `forget`)."""

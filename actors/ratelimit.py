@@ -11,7 +11,7 @@ import json
 from array import array
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -20,7 +20,7 @@ from actors.base import Clock, Service, ShardedClient
 from actors.schemas import MessageKind, RateDecision, ServiceStats, WindowUsage
 from actors.sharding import shard_index
 from storage import ratelimit_db
-from storage.sqlite import GroupCommitter, Statement
+from storage.sqlite import GroupCommitter, Statement, SyncMode
 
 US = 1_000_000
 #: the user windows; the server limit has one window of a minute
@@ -47,12 +47,12 @@ class RateLimitConfig(BaseModel):
     #: sub-buckets per window: more admits closer to the ideal sliding log (a request can
     #: be held back at most one bucket, window/buckets, longer) at 4 bytes each per key
     buckets: int = Field(default=20, ge=1, le=1000)
-    #: how long a group commit waits for more checks to join it (fewer fsyncs under load)
+    #: how long a group commit waits for more checks to join it (fewer commits under load)
     commit_delay_ms: float = Field(default=1.0, ge=0, le=100)
-    #: FULL fsyncs every group commit (decisions survive power loss); NORMAL hands each
-    #: commit to the OS before answering (survives any crash of the actor or its process,
-    #: not of the machine) and fsyncs only at WAL checkpoints
-    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    #: when a decision reaches the disk (storage.sqlite.SYNC_MODES): NORMAL survives any
+    #: death of the actor's process and loses at most the last durability interval to a
+    #: power loss, at most one sync per interval; FULL syncs every group commit
+    synchronous: SyncMode = "NORMAL"
 
     @field_validator("buckets")
     @classmethod
@@ -71,9 +71,13 @@ class RateLimitStats(ServiceStats):
     #: live keys (a user's messages and commands are two keys, a server one)
     keys: int
     idle_dropped: int
-    #: group commits, i.e. fsyncs of the write-ahead log
+    #: group commits (transactions) of the state file
     commits: int
     checks_per_commit: float
+    #: syncs of the state file to the disk (storage.sqlite.GroupCommitter.syncs)
+    syncs: int = 0
+    #: commits answered and not yet synced (NORMAL: until the next durability point)
+    unsynced_commits: int = 0
 
 
 class _KeyState:
@@ -216,7 +220,8 @@ class RateLimiter(Service):
             name: metrics.gauge(f"ratelimit_{name}", description, tags)
             for name, description in (
                 ("keys", "rate-limit keys in memory"),
-                ("commits", "rate-limit group commits (fsyncs)"),
+                ("commits", "rate-limit group commits"),
+                ("syncs", "rate-limit state-file syncs"),
                 ("checks_per_commit", "rate-limit checks per group commit"),
             )
         }
@@ -469,10 +474,16 @@ class RateLimiter(Service):
             idle_dropped=self.idle_dropped,
             commits=commits,
             checks_per_commit=self.checks / commits if commits else 0.0,
+            syncs=self._committer.syncs,
+            unsynced_commits=self._committer.unsynced,
         )
 
     async def stats(self) -> RateLimitStats:
         return self._stats()
+
+    async def synced(self) -> None:
+        """Return once every decision answered so far is on disk (the next durability point)."""
+        await self._committer.synced()
 
     async def close(self) -> None:
         await super().close()
@@ -490,7 +501,7 @@ def _merge(first: RateDecision, second: RateDecision) -> RateDecision:
 
 class RateLimitClient(ShardedClient):
     #: one batch of checks in flight: every check that arrives meanwhile joins the next
-    #: batch, so each group commit (fsync) covers all waiting callers, not half of them
+    #: batch, so each group commit covers all waiting callers, not half of them
     default_max_in_flight = 1
 
     async def check(

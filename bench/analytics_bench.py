@@ -27,6 +27,7 @@ from actors.analytics import (
     table_to_ipc,
 )
 from actors.schemas import AnalyticsEvent
+from bench import floors
 from bench.common import ratio, write_results
 from storage.analytics_db import AnalyticsDB
 
@@ -377,11 +378,13 @@ async def _run(size: str, work: Path, with_actor: bool) -> dict[str, Any]:
 
 
 def run(size: str = "full", results_dir: Path | None = None, with_actor: bool = True) -> dict[str, Any]:
-    # first, alone: the front-end's cost per event, before any database or actor runs
-    record = bench_record(make_events(20_000 if size == "full" else 500))
-    with tempfile.TemporaryDirectory(prefix="analytics-bench-") as tmp:
-        results = asyncio.run(_run(size, Path(tmp), with_actor))
+    with floors.watch(size) as watch:
+        # first, alone: the front-end's cost per event, before any database or actor runs
+        record = bench_record(make_events(20_000 if size == "full" else 500))
+        with tempfile.TemporaryDirectory(prefix="analytics-bench-") as tmp:
+            results = asyncio.run(_run(size, Path(tmp), with_actor))
     results["record_in_isolation"] = record
+    results["floors"] = watch.result
     write_results("analytics_bench", results, results_dir)
     return results
 

@@ -28,6 +28,7 @@ import cachetools
 import lz4.block
 
 from actors.cache import CacheClient, CacheConfig, ResponseCache, cache_key, normalize_prompt, pack, unpack
+from bench import floors
 from bench.common import percentile, ratio, summarize_ms, write_results
 
 NAME = "cache_bench"
@@ -636,22 +637,22 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     if size not in PARAMS:
         raise ValueError(f"size must be one of {sorted(PARAMS)}, got {size!r}")
     p = PARAMS[size]
-    print(f"cache bench ({size})", flush=True)
-    calibration_before = loop_ns_per_iteration()
-    # the actor first: Ray is gone again before the in-process timings start
-    try:
-        actor = bench_actor(p)
-    except Exception as exc:
-        # Ray can fail to start on an overloaded box; the other sections still stand
-        actor = {"error": f"Ray did not start: {type(exc).__name__}: {exc}"}
-    print(f"  actor: {actor}", flush=True)
-    redis_result = bench_redis(p)
-    print(f"  redis: {redis_result}", flush=True)
-    in_process = bench_in_process(p)
-    compression = bench_compression(p)
-    zipf = bench_zipf(p)
-    print(f"  zipf: {zipf}", flush=True)
-
+    with floors.watch(size) as watch:
+        print(f"cache bench ({size})", flush=True)
+        calibration_before = loop_ns_per_iteration()
+        # the actor first: Ray is gone again before the in-process timings start
+        try:
+            actor = bench_actor(p)
+        except Exception as exc:
+            # Ray can fail to start on an overloaded box; the other sections still stand
+            actor = {"error": f"Ray did not start: {type(exc).__name__}: {exc}"}
+        print(f"  actor: {actor}", flush=True)
+        redis_result = bench_redis(p)
+        print(f"  redis: {redis_result}", flush=True)
+        in_process = bench_in_process(p)
+        compression = bench_compression(p)
+        zipf = bench_zipf(p)
+        print(f"  zipf: {zipf}", flush=True)
     largest = in_process["sizes"][str(p["sizes"][-1])]
     worst_us = max(largest["ours_get_us"], largest["ours_set_evicting_us"])
     saved = compression["generated_replies"].get("ours_bytes_saved", 0.0)
@@ -688,6 +689,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
         "redis": redis_result,
         "comparisons": comparisons,
         "targets": targets,
+        "floors": watch.result,
     }
     path = write_results(NAME, results, results_dir)
     print(f"wrote {path}", flush=True)

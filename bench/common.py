@@ -14,7 +14,8 @@ from typing import Any
 
 import psutil
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: where results go; `bench.run_all` points a run elsewhere through RAYCORD_BENCH_RESULTS
+RESULTS_DIR = Path(os.environ.get("RAYCORD_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -63,8 +64,12 @@ def write_results(name: str, results: dict[str, Any], results_dir: Path | None =
     """Write `results` with machine facts to `<results_dir>/<name>.json`; returns the path."""
     out_dir = results_dir or RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_floors = results.get("floors") or {}
     doc = {
         "name": name,
+        # whether the run's own floors say its figures can be trusted (bench.floors)
+        "valid": run_floors.get("valid"),
+        "invalid_reasons": run_floors.get("reasons", ["no floors recorded"]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),

@@ -24,6 +24,7 @@ from typing import Any
 
 from actors.context import DAY, BuiltContext, ContextConfig, ContextStore, assemble
 from actors.schemas import Turn
+from bench import floors
 from bench.common import ratio, rss_bytes, summarize_ms, write_results
 
 NAME = "context_bench"
@@ -374,7 +375,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     p = SIZES[size]
     ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="context-bench-") as tmp_name:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="context-bench-") as tmp_name:
         tmp = Path(tmp_name)
         results: dict[str, Any] = {"size": size, "params": {k: v for k, v in p.items()}}
         results["build"] = asyncio.run(bench_build(p, tmp))
@@ -403,6 +404,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
         "cleanup_ours_ms_by_stale": {r["stale"]: r["ours_ms"] for r in results["cleanup"]["rows"]},
         "cleanup_before_ms_by_stale": {r["stale"]: r["before_ms"] for r in results["cleanup"]["rows"]},
     }
+    results["floors"] = watch.result
     write_results(NAME, results, results_dir)
     return results
 

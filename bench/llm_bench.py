@@ -22,6 +22,7 @@ import psutil
 from google import genai
 from google.genai import types
 
+from bench import floors
 from bench.common import size_cli, summarize_ms, write_results
 from bot.config import LLMSettings, Settings
 from bot.llm import LLMRequest
@@ -352,7 +353,9 @@ async def _run(size: str) -> dict[str, Any]:
 
 
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
-    results = asyncio.run(_run(size))
+    with floors.watch(size) as watch:
+        results = asyncio.run(_run(size))
+    results["floors"] = watch.result
     write_results("llm_bench", results, results_dir)
     return results
 

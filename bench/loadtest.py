@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,10 +26,12 @@ import psutil
 from actors.errors import RaycordError
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import Attachment, ChatReply, IncomingMessage
+from bench import floors
 from bench.common import RESULTS_DIR, percentile, write_results
 from bench.naive import NaivePipeline
 from bot.config import Settings
 from bot.llm.base import LLM
+from bot.status import process_memory
 
 # a 1x1 PNG: what the 10% of messages with an image carry
 TINY_PNG = bytes.fromhex(
@@ -74,6 +76,9 @@ class RunResult:
     label: str
     samples: list[Sample] = field(default_factory=list)
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    #: (seconds, {process: (pss, uss)}) sampled with `rss`: RSS counts shared pages in
+    #: every process that maps them, PSS splits them, USS is each process's own
+    shares: list[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=list)
     elapsed: float = 0.0
     llm_calls: int = 0
     coalesced: int = 0
@@ -81,6 +86,10 @@ class RunResult:
     file_writes: int = 0
     #: state-file commits per service (raycord only)
     file_writes_by_service: dict[str, int] = field(default_factory=dict)
+    #: syncs of state files to the disk, in total and per store (from the stores' own stats)
+    file_syncs: int = 0
+    #: per store: {"commits": n, "syncs": n}
+    stores: dict[str, dict[str, int]] = field(default_factory=dict)
     #: service calls the pipeline made, and the actor round trips that carried them
     service_calls: int = 0
     round_trips: int = 0
@@ -97,6 +106,9 @@ class RunResult:
         over = [s.overhead * 1000 for s in ok]
         n = len(self.samples)
         peak = max((sum(r.values()) for _, r in self.rss), default=0)
+        pss_peak = max((sum(p for p, _ in s.values()) for _, s in self.shares), default=0)
+        uss_peak = max((sum(u for _, u in s.values()) for _, s in self.shares), default=0)
+        labels = sorted({label for _, snap in self.rss for label in snap})
         return {
             "requests": n,
             "errors": n - len(ok),
@@ -118,7 +130,20 @@ class RunResult:
             "db_writes": self.db_writes,
             "file_writes": self.file_writes,
             "file_writes_by_service": self.file_writes_by_service,
+            "file_syncs": self.file_syncs,
+            "stores": self.stores,
             "rss_peak_mb": peak / 2**20,
+            "pss_peak_mb": pss_peak / 2**20,
+            "uss_peak_mb": uss_peak / 2**20,
+            # per process, its peak of each: what a user sees in top (RSS) and what it costs
+            "memory_peak_mb_by_process": {
+                label: {
+                    "rss": max((snap.get(label, 0) for _, snap in self.rss), default=0) / 2**20,
+                    "pss": max((s.get(label, (0, 0))[0] for _, s in self.shares), default=0) / 2**20,
+                    "uss": max((s.get(label, (0, 0))[1] for _, s in self.shares), default=0) / 2**20,
+                }
+                for label in labels
+            },
             "error_kinds": sorted({s.error for s in self.samples if s.error}),
             "service_calls_per_reply": self.service_calls / len(ok) if ok else 0.0,
             "round_trips_per_reply": self.round_trips / len(ok) if ok else 0.0,
@@ -166,23 +191,35 @@ class Workload:
         return IncomingMessage(text="what is in this picture?", attachments=(image,), **base)
 
 
+#: PSS and USS are read on every this many RSS samples: reading them walks each process's
+#: page tables, which costs the driver more CPU than reading RSS does
+SHARES_EVERY = 5
+
+
 async def _sample_rss(
-    pids: dict[str, int], out: list[tuple[float, dict[str, int]]], every: float, t0: float
+    pids: dict[str, int],
+    out: list[tuple[float, dict[str, int]]],
+    every: float,
+    t0: float,
+    shares: list[tuple[float, dict[str, tuple[int, int]]]],
 ) -> None:
-    procs = {}
-    for label, pid in pids.items():
-        try:
-            procs[label] = psutil.Process(pid)
-        except psutil.NoSuchProcess:
-            continue
-    while True:
-        snap = {}
-        for label, proc in procs.items():
-            try:
-                snap[label] = proc.memory_info().rss
-            except psutil.NoSuchProcess:
+    for sample in itertools.count():
+        snap: dict[str, int] = {}
+        share: dict[str, tuple[int, int]] = {}
+        full = sample % SHARES_EVERY == 0
+        for label, pid in pids.items():
+            if not full:
+                with suppress(psutil.Error):
+                    snap[label] = psutil.Process(pid).memory_info().rss
                 continue
-        out.append((time.perf_counter() - t0, snap))
+            memory = process_memory(pid)
+            if memory is not None:
+                snap[label] = memory.rss
+                share[label] = (memory.pss, memory.uss)
+        now = time.perf_counter() - t0
+        out.append((now, snap))
+        if full:
+            shares.append((now, share))
         await asyncio.sleep(every)
 
 
@@ -257,7 +294,7 @@ async def drive(
             await asyncio.sleep(1)
             bar.update(1)
 
-    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0))
+    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0, result.shares))
     tick = asyncio.create_task(ticker())
     cpu_before = _cpu_snapshot({**pids, **(cpu_only or {})})
     await asyncio.gather(*(user(i) for i in range(cfg.users)))
@@ -354,8 +391,10 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             await runtime.flush()
             ours.llm_calls, ours.coalesced = llm_counts(llm)
             ours.tokens_in = llm.stats().tokens_in
-            ours.db_writes, ours.file_writes_by_service = await _service_writes(runtime)
-            ours.file_writes = sum(ours.file_writes_by_service.values())
+            ours.db_writes, ours.stores = await _service_writes(runtime)
+            ours.file_writes_by_service = {name: io["commits"] for name, io in ours.stores.items()}
+            ours.file_writes = sum(io["commits"] for io in ours.stores.values())
+            ours.file_syncs = sum(io["syncs"] for io in ours.stores.values())
             for client in runtime.clients.values():
                 batching = client.batching()
                 ours.service_calls += batching["calls"]
@@ -374,6 +413,9 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
             before.llm_calls, before.coalesced = llm_counts(naive_llm)
             before.tokens_in = naive_llm.stats().tokens_in
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
+            # the naive limiter fsyncs its file on every write; its context lives in memory
+            before.file_syncs = naive.file_writes
+            before.stores = {"ratelimit": {"commits": naive.file_writes, "syncs": naive.file_writes}}
         finally:
             naive.close()
             await naive_llm.aclose()
@@ -390,19 +432,21 @@ async def _empty_call_p50(handle: Any, calls: int = 200) -> float:
     return percentile(samples, 50)
 
 
-async def _service_writes(runtime: Any) -> tuple[int, dict[str, int]]:
-    """(database transactions, state-file commits per service) the services made, from
-    their stats."""
+async def _service_writes(runtime: Any) -> tuple[int, dict[str, dict[str, int]]]:
+    """(database transactions, {store: {"commits", "syncs"}} summed over its shards) the
+    services made, from their own stats; a service without state files is left out."""
     db = 0
-    files: dict[str, int] = {}
+    stores: dict[str, dict[str, int]] = {}
     for name, client in runtime.clients.items():
         for stats in await client.stats():
             data = stats.model_dump()
             if name == "analytics":
                 db += int(data.get("transactions", 0))
-            else:
-                files[name] = files.get(name, 0) + int(data.get("commits", 0))
-    return db, files
+            elif "commits" in data:
+                io = stores.setdefault(name, {"commits": 0, "syncs": 0})
+                io["commits"] += int(data["commits"])
+                io["syncs"] += int(data.get("syncs", 0))
+    return db, stores
 
 
 def _ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
@@ -414,6 +458,7 @@ def _ratios(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, float]:
         "p95_latency_ratio": r(ours["latency_ms"]["p95"], naive["latency_ms"]["p95"]),
         "db_writes_ratio": r(ours["db_writes"], naive["db_writes"]),
         "file_writes_ratio": r(ours["file_writes"], naive["file_writes"]),
+        "file_syncs_ratio": r(ours["file_syncs"], naive["file_syncs"]),
     }
 
 
@@ -462,11 +507,16 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         ("LLM calls", "llm_calls", "{}"),
         ("prompt tokens per LLM call (context carried)", "llm_tokens_in_per_call", "{:.0f}"),
         ("database writes", "db_writes", "{}"),
-        ("state-file writes", "file_writes", "{}"),
+        ("state-file commits", "file_writes", "{}"),
+        ("state-file syncs (fsyncs)", "file_syncs", "{}"),
         ("peak RSS, all processes (MiB)", "rss_peak_mb", "{:.0f}"),
+        ("peak PSS, all processes (MiB; shared pages counted once)", "pss_peak_mb", "{:.0f}"),
+        ("peak USS, all processes (MiB; memory no other process shares)", "uss_peak_mb", "{:.0f}"),
     ]
     lines = [
         f"# Load test `{name}`",
+        "",
+        *floors.header(summary.get("floors")),
         "",
         f"`{command}`",
         "",
@@ -477,9 +527,21 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         "|---|---|---|---|",
     ]
     for title, key, fmt in rows:
-        a, b = ours[key], naive[key]
+        # a result from before a figure existed shows it as "-"
+        a, b = ours.get(key), naive.get(key)
         ratio = f"{a / b:.3g}" if isinstance(a, int | float) and b else "-"
-        lines.append(f"| {title} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        shown_a, shown_b = ("-" if v is None else fmt.format(v) for v in (a, b))
+        lines.append(f"| {title} | {shown_a} | {shown_b} | {ratio} |")
+    ours_stores, naive_stores = ours.get("stores", {}), naive.get("stores", {})
+    for store in sorted(set(ours_stores) | set(naive_stores)):
+        a_io, b_io = ours_stores.get(store), naive_stores.get(store)
+        for what in ("commits", "syncs"):
+            a = None if a_io is None else a_io[what]
+            b = None if b_io is None else b_io[what]
+            ratio = f"{a / b:.3g}" if a is not None and b else "-"
+            lines.append(
+                f"| {store} store {what} | {'-' if a is None else a} | {'-' if b is None else b} | {ratio} |"
+            )
     for kind, title in (("message", "chat messages"), ("command", "/ask commands")):
         a, b = ours["cache_hit_rate_by_kind"].get(kind, 0.0), naive["cache_hit_rate_by_kind"].get(kind, 0.0)
         lines.append(f"| cache hit rate, {title} | {a:.1%} | {b:.1%} | {a / b if b else 0:.3g} |")
@@ -494,6 +556,16 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
     for q in ("p50", "p95", "p99"):
         a, b = ours["overhead_ms"][q], naive["overhead_ms"][q]
         lines.append(f"| overhead excl. LLM {q} (ms) | {a:.2f} | {b:.2f} | {a / b if b else 0:.3g} |")
+    ours_mem, naive_mem = (
+        ours.get("memory_peak_mb_by_process", {}),
+        naive.get("memory_peak_mb_by_process", {}),
+    )
+    for proc in sorted(set(ours_mem) | set(naive_mem)):
+        cells = [
+            "-" if m is None else f"{m['rss']:.0f} / {m['pss']:.0f} / {m['uss']:.0f}"
+            for m in (ours_mem.get(proc), naive_mem.get(proc))
+        ]
+        lines.append(f"| peak memory, {proc}: RSS / PSS / USS (MiB) | {cells[0]} | {cells[1]} | - |")
     for proc in sorted(set(ours["cpu_ms_per_reply"]) | set(naive["cpu_ms_per_reply"])):
         a, b = ours["cpu_ms_per_reply"].get(proc), naive["cpu_ms_per_reply"].get(proc)
         lines.append(
@@ -522,12 +594,13 @@ def run(
     name = name or f"loadtest-{cfg.users}u-{int(cfg.llm_latency * 1000)}ms"
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="raycord-load-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="raycord-load-") as tmp:
         runs = asyncio.run(run_async(cfg, Path(tmp)))
     summary: dict[str, Any] = {label: r.summary() for label, r in runs.items()}
     summary["ratios"] = _ratios(summary["raycord"], summary["naive"])
     summary["config"] = asdict(cfg)
     summary["rss_series"] = {label: r.rss for label, r in runs.items()}
+    summary["floors"] = watch.result
     write_results(name, summary, out_dir)
     command = " ".join(["raycord loadtest", *sys.argv[1:]]) if size != "tiny" else "tiny smoke run"
     (out_dir / f"{name}.md").write_text(markdown(name, cfg, summary, command))

@@ -23,6 +23,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
 from actors.ratelimit import USER_WINDOWS, RateLimitClient, RateLimitConfig, RateLimiter, WindowLimits
+from bench import floors
 from bench.common import ratio, size_cli, summarize_ms, write_results
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -116,14 +117,13 @@ async def _drive(check: Any, checks: int, concurrency: int, users: int) -> tuple
     return samples, time.perf_counter() - start
 
 
-def _row(samples: list[float], elapsed: float, commits: int, fsync_each_commit: bool) -> dict[str, Any]:
-    per_1000 = 1000 * commits / len(samples)
+def _row(samples: list[float], elapsed: float, commits: int, syncs: int) -> dict[str, Any]:
     return {
         **summarize_ms(samples),
         "checks_per_s": len(samples) / elapsed,
-        "commits_per_1000": per_1000,
-        # NORMAL writes each commit to the OS and fsyncs only at WAL checkpoints
-        "fsyncs_per_1000": per_1000 if fsync_each_commit else None,
+        "commits_per_1000": 1000 * commits / len(samples),
+        # the store's own count (RateLimitStats.syncs): FULL syncs each commit, NORMAL once a second
+        "fsyncs_per_1000": 1000 * syncs / len(samples),
     }
 
 
@@ -144,9 +144,12 @@ async def bench_in_process(checks: int, users: int, workdir: Path) -> dict[str, 
     """The plain class on a durable (FULL) SQLite file: group commit without Ray's round trip."""
     out = {}
     for concurrency in CONCURRENCY:
-        limiter = RateLimiter(RateLimitConfig(message=OPEN), workdir / f"inproc-{concurrency}")
+        limiter = RateLimiter(
+            RateLimitConfig(message=OPEN, synchronous="FULL"), workdir / f"inproc-{concurrency}"
+        )
         samples, elapsed = await _drive(limiter.check, checks, concurrency, users)
-        out[str(concurrency)] = _row(samples, elapsed, (await limiter.stats()).commits, True)
+        stats = await limiter.stats()
+        out[str(concurrency)] = _row(samples, elapsed, stats.commits, stats.syncs)
         await limiter.close()
     return out
 
@@ -176,10 +179,12 @@ async def bench_actor(checks: int, users: int, workdir: Path) -> dict[str, Any]:
                 await client.check("warm-up")
                 rows = {}
                 for concurrency in CONCURRENCY:
-                    before = (await client.stats())[0].commits
+                    before = (await client.stats())[0]
                     samples, elapsed = await _drive(client.check, checks, concurrency, users)
-                    commits = (await client.stats())[0].commits - before
-                    rows[str(concurrency)] = _row(samples, elapsed, commits, mode == "FULL")
+                    after = (await client.stats())[0]
+                    rows[str(concurrency)] = _row(
+                        samples, elapsed, after.commits - before.commits, after.syncs - before.syncs
+                    )
                 out[mode] = rows
             finally:
                 for handle in handles:
@@ -269,7 +274,7 @@ def bench_precision(requests: int) -> dict[str, Any]:
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     spec = SIZES[size]
     checks, users = spec["checks"], spec["users"]
-    with tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as tmp:
         workdir = Path(tmp)
         before = bench_before(min(checks, 2_000), users, workdir)
         library = bench_limits_library(checks, users)
@@ -301,6 +306,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
             "mb_for_10k_users_under_10": memory.get("ours_10000", {"mb": 0})["mb"] < 10,
         },
     }
+    results["floors"] = watch.result
     write_results("ratelimit_bench", results, results_dir)
     return results
 

@@ -25,9 +25,11 @@ from actors.cache import CacheConfig
 from actors.context import ContextConfig
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from actors.schemas import IncomingMessage
+from bench import floors
 from bench.common import RESULTS_DIR, rss_bytes, write_results
 from bot.config import Settings
 from bot.llm.offline import OfflineResponder
+from bot.status import process_memory
 
 
 class SimClock:
@@ -150,6 +152,9 @@ async def soak(
                     {
                         "hour": (i + 1) / per_hour,
                         "rss_mb": {label: rss_bytes(pid) / 2**20 for label, pid in pids.items()},
+                        # RSS counts shared libraries in every process; PSS splits them, USS
+                        # is what only this process holds
+                        **_shares_mb(pids),
                         # the state the memory holds, to tell a full bound from a leak
                         "cache_entries": cache.entries,
                         "context_conversations_in_memory": context.conversations,
@@ -170,12 +175,22 @@ async def soak(
     }
 
 
+def _shares_mb(pids: dict[str, int]) -> dict[str, dict[str, float]]:
+    """{"pss_mb": {process: MiB}, "uss_mb": {...}} of the processes still readable."""
+    memory = {label: process_memory(pid) for label, pid in pids.items()}
+    return {
+        "pss_mb": {label: m.pss / 2**20 for label, m in memory.items() if m is not None},
+        "uss_mb": {label: m.uss / 2**20 for label, m in memory.items() if m is not None},
+    }
+
+
 def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
     # full: a message round every 5 simulated minutes (~170 messages at once, as a busy
     # bot sees them); tiny: every minute, so its two hours still sample twice
     users, hours, rate, step = (10_000, 24.0, 5.0, 300.0) if size == "full" else (100, 2.0, 40.0, 60.0)
-    with tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
+    with floors.watch(size) as watch, tempfile.TemporaryDirectory(prefix="raycord-soak-") as tmp:
         result = asyncio.run(soak(users, hours, rate, Path(tmp), step=step))
+    result["floors"] = watch.result
     samples = result["rss_by_hour"]
     # growth per process over the second half of the day, once the bounded state is full
     later = samples[len(samples) // 2 - 1 :] if len(samples) > 1 else samples
@@ -192,10 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     result = run(parser.parse_args(argv).size)
+    print("\n".join(floors.header(result["floors"])))
     for s in result["rss_by_hour"]:
-        per_process = "  ".join(f"{label} {mb:6.1f}" for label, mb in s["rss_mb"].items())
+        per_process = "  ".join(
+            f"{label} {mb:6.1f}/{s['pss_mb'].get(label, 0):6.1f}/{s['uss_mb'].get(label, 0):6.1f}"
+            for label, mb in s["rss_mb"].items()
+        )
         print(
-            f"hour {s['hour']:5.1f}  RSS MiB: {per_process}  cache entries {s['cache_entries']}"
+            f"hour {s['hour']:5.1f}  RSS/PSS/USS MiB: {per_process}  cache entries {s['cache_entries']}"
             f"  conversations in memory {s['context_conversations_in_memory']}"
         )
     return 0

@@ -95,8 +95,8 @@ class StatusSettings(BaseModel):
 
 #: how long the bot's context store lets a commit wait for more writers. The bot sends
 #: its context writes after the reply, in the background, and resends any that fail, so
-#: no user waits on them; a reset or forget commits at once. Against the load test's 100
-#: users this cuts the context store's fsyncs from ~5 to ~2 a second.
+#: no user waits on them; a reset or forget commits at once. Fewer, larger commits cost
+#: the store's process less work per turn.
 BOT_CONTEXT_COMMIT_DELAY = 0.5
 
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from rich.console import Console, Group
 from rich.live import Live
@@ -31,6 +32,28 @@ SERVICE_NAMES = ("cache", "context", "ratelimit", "analytics")
 CALL_TIMEOUT = 5.0
 
 
+@dataclass(slots=True, frozen=True)
+class ProcessMemory:
+    """One process's memory three ways. RSS counts every page the process maps, shared
+    libraries included, once per process, so RSS summed over processes counts them again
+    and again; PSS splits each shared page among the processes sharing it, so it adds up;
+    USS is the memory only this process holds, what its exit would give back."""
+
+    rss: int
+    pss: int
+    uss: int
+
+
+def process_memory(pid: int) -> ProcessMemory | None:
+    """The memory of process `pid` on this machine; None when it is gone or unreadable."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.Error, OSError):
+        return None
+    # PSS is Linux's; elsewhere USS is the closest share of it
+    return ProcessMemory(info.rss, getattr(info, "pss", info.uss), info.uss)
+
+
 @dataclass(slots=True)
 class ReplicaStatus:
     service: str
@@ -40,6 +63,8 @@ class ReplicaStatus:
     ping_ms: float | None = None
     stats: Any = None
     error: str | None = None
+    #: RSS, PSS and USS of the replica's process, when it runs on this machine
+    memory: ProcessMemory | None = None
 
     @property
     def up(self) -> bool:
@@ -169,6 +194,10 @@ async def collect(settings: Settings, clock: Any = time.time) -> Snapshot:
         ),
         _traffic(settings, now),
     )
+    here = ray.get_runtime_context().get_node_id()
+    for r in replicas:
+        if r.health is not None and r.health.node_id in (here, None):
+            r.memory = process_memory(r.health.pid)
     files, size = _spill(settings)
     snapshot = Snapshot(list(replicas), traffic, files, size, now)
     snapshot.alerts = alerts(snapshot, settings)
@@ -179,6 +208,14 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
+def _memory(r: ReplicaStatus, rss: int) -> str:
+    """RSS / PSS / USS when the process is on this machine, else RSS alone."""
+    m = r.memory
+    if m is None:
+        return f"{_mb(rss)} RSS"
+    return f"{m.rss / 2**20:,.1f} / {m.pss / 2**20:,.1f} / {m.uss / 2**20:,.1f} MB"
+
+
 def _sum(rows: list[ReplicaStatus], name: str) -> float:
     return sum(getattr(r.stats, name) for r in rows if r.stats is not None)
 
@@ -186,7 +223,7 @@ def _sum(rows: list[ReplicaStatus], name: str) -> float:
 def render(snapshot: Snapshot, settings: Settings) -> Group:
     limits = settings.status
     services = Table(title="Services", expand=True)
-    for column in ("replica", "health", "ping", "node", "pid", "memory", "up for"):
+    for column in ("replica", "health", "ping", "node", "pid", "memory RSS / PSS / USS", "up for"):
         services.add_column(column, justify="left" if column in ("replica", "health", "node") else "right")
     for r in snapshot.replicas:
         name = f"{r.service}-{r.shard}"
@@ -202,7 +239,7 @@ def render(snapshot: Snapshot, settings: Settings) -> Group:
             f"{r.ping_ms:,.1f} ms",
             (h.node_id or "local")[:12],
             str(h.pid),
-            _mb(h.rss_bytes),
+            _memory(r, h.rss_bytes),
             f"{h.uptime_seconds:,.0f} s",
             style="bold red" if heavy or r.error else None,
         )

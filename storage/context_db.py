@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.sqlite import GroupCommitter, Statement, open_sqlite
+from storage.sqlite import GroupCommitter, Statement, SyncMode, open_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -71,10 +71,10 @@ class ContextDB:
     """Statements and reads over one shard's file. Statement builders return lists for
     `write()`, so a caller can put several changes into one group commit, in order."""
 
-    def __init__(self, path: Path, commit_delay: float = 0.0) -> None:
+    def __init__(self, path: Path, commit_delay: float = 0.0, synchronous: SyncMode = "NORMAL") -> None:
         self.path = path
-        self.committer = GroupCommitter(open_sqlite(path, SCHEMA), max_delay=commit_delay)
-        self._reader: sqlite3.Connection = open_sqlite(path)
+        self.committer = GroupCommitter(open_sqlite(path, SCHEMA, synchronous), max_delay=commit_delay)
+        self._reader: sqlite3.Connection = open_sqlite(path, synchronous=synchronous)
 
     async def write(self, statements: list[Statement], urgent: bool = False) -> None:
         """Run `statements` in order in the next group commit; return once durable.

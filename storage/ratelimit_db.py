@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from storage.sqlite import Statement, open_sqlite
+from storage.sqlite import Statement, SyncMode, open_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ratelimit_state (
@@ -41,7 +41,7 @@ def db_path(state_dir: Path | None, shard: int) -> Path:
     return state_dir / f"ratelimit-{shard}.sqlite"
 
 
-def open_db(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
+def open_db(path: Path, synchronous: SyncMode = "NORMAL") -> sqlite3.Connection:
     return open_sqlite(path, SCHEMA, synchronous)
 
 

@@ -31,8 +31,25 @@ async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
         "p95_latency_ratio",
         "db_writes_ratio",
         "file_writes_ratio",
+        "file_syncs_ratio",
     }
+    # syncs are counted per store, from each store's own stats
+    ours = summary["raycord"]
+    assert set(ours["stores"]) == {"context", "ratelimit"}
+    assert ours["file_syncs"] == sum(io["syncs"] for io in ours["stores"].values())
+    assert ours["file_writes"] == sum(io["commits"] for io in ours["stores"].values())
+    assert summary["naive"]["stores"]["ratelimit"]["syncs"] == summary["naive"]["requests"]
+    # each process's memory as RSS, and as users count it: PSS (shared pages split) and USS
+    by_process = ours["memory_peak_mb_by_process"]
+    assert {"driver", "context-0", "ratelimit-0"} <= set(by_process)
+    assert all(0 < m["uss"] <= m["pss"] and m["rss"] > 0 for m in by_process.values())
+    assert 0 < ours["uss_peak_mb"] <= ours["pss_peak_mb"]
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["results"]["config"]["users"] == 5
-    assert (tmp_path / "smoke.md").read_text().startswith("# Load test `smoke`")
+    report = (tmp_path / "smoke.md").read_text().splitlines()
+    assert report[0] == "# Load test `smoke`"
+    # the run's own floors judge it, at the top of its report and in its JSON
+    assert report[2].startswith("**INVALID run**" if doc["valid"] is False else "Valid run")
+    assert doc["valid"] == summary["floors"]["valid"]
+    assert "peak PSS, all processes" in "\n".join(report)
     assert (tmp_path / "smoke.png").stat().st_size > 0

@@ -23,6 +23,10 @@ def test_the_ratelimit_bench_reports_every_design_side_by_side(ray_session: None
     full = results["ours_actor"]["FULL"]
     # concurrent callers share commits
     assert full["100"]["fsyncs_per_1000"] < full["1"]["fsyncs_per_1000"]
+    # FULL syncs every commit; NORMAL syncs once per durability interval, not per check
+    assert full["1"]["fsyncs_per_1000"] == full["1"]["commits_per_1000"]
+    normal = results["ours_actor"]["NORMAL"]
+    assert normal["1"]["fsyncs_per_1000"] < normal["1"]["commits_per_1000"]
     assert results["fsync_floor"]["p50_ms"] > 0
     assert results["memory"]["ours_10000"]["bytes_per_user"] > 0
     for buckets in (10, 20, 60):

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from actors.schemas import Turn
 from actors.sharding import shard_index
 from bot.runtime import Runtime
 from storage.context_db import db_path
+from storage.sqlite import DURABILITY_INTERVAL
 from tests.conftest import FakeClock, make_settings
 
 MakeStore = Callable[..., ContextStore]
@@ -423,3 +425,58 @@ async def test_context_survives_a_full_restart_of_the_runtime(ray_session: None,
         assert again.turns == built.turns and again.version == built.version
     finally:
         await second.shutdown(kill_actors=True)
+
+
+@pytest.mark.asyncio
+async def test_with_synchronous_normal_a_hard_kill_mid_load_loses_no_acknowledged_turn(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # NORMAL answers once the commit is in the OS's page cache: the process's death loses nothing
+    rt = Runtime(make_settings(tmp_path, context={"synchronous": "NORMAL", "commit_delay_seconds": 0}))
+    try:
+        await rt.start()
+        client = rt.clients["context"]
+        assert isinstance(client, ContextClient)
+        handle = rt.handles["context"][0]
+        pid = await _actor_pid(handle)
+        acknowledged: list[int] = []
+        some_acknowledged = asyncio.Event()
+
+        async def append(i: int) -> None:
+            await client.append(
+                f"chan-{i}", "ada", [Turn(role="user", author="ada", text=f"turn {i}", time=1.0)]
+            )
+            acknowledged.append(i)
+            if len(acknowledged) >= 30:
+                some_acknowledged.set()
+
+        calls = [asyncio.ensure_future(append(i)) for i in range(300)]
+        await some_acknowledged.wait()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert 30 <= len(acknowledged)
+        await _wait_until_answering(handle)
+        assert await _actor_pid(handle) != pid
+        for i in acknowledged:
+            assert texts((await client.build(f"chan-{i}", "ada")).turns) == [f"turn {i}"]
+    finally:
+        await rt.shutdown(kill_actors=True)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_appends_syncs_at_most_once_per_durability_interval_and_never_idle(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
+    store = make_store(synchronous="NORMAL")
+    start = time.monotonic()
+    for i in range(200):
+        await store.append(f"chan-{i % 10}", "ada", [turn(f"turn {i}", clock)])
+    await store.synced()
+    stats = await store.stats()
+    assert stats.unsynced_commits == 0
+    elapsed = time.monotonic() - start
+    # every append was committed before it was answered, and synced once per interval at most
+    assert stats.commits >= 200
+    assert 1 <= stats.syncs <= elapsed / DURABILITY_INTERVAL + 1
+    await asyncio.sleep(2.5 * DURABILITY_INTERVAL)
+    assert (await store.stats()).syncs == stats.syncs

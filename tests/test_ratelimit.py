@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from actors.ratelimit import (
 from actors.schemas import MessageKind, RateDecision
 from actors.sharding import shard_index
 from bot.runtime import SERVICES, service_handles
+from storage.sqlite import DURABILITY_INTERVAL
 from tests.conftest import FakeClock, make_settings
 
 US = 1_000_000
@@ -362,3 +364,72 @@ async def test_actors_enforce_a_server_limit_across_shards_and_keep_decisions_th
     finally:
         for handle in handles:
             ray.kill(handle, no_restart=True)
+
+
+@pytest.mark.asyncio
+async def test_with_synchronous_normal_a_hard_kill_mid_load_loses_no_acknowledged_decision(
+    ray_session: None, tmp_path: Path
+) -> None:
+    # NORMAL answers once the commit is in the OS's page cache: the process's death loses nothing
+    config = RateLimitConfig(message=WindowLimits(minute=1000, hour=1000, day=1000), synchronous="NORMAL")
+    settings = make_settings(tmp_path, ratelimit=config)
+    spec = next(s for s in SERVICES if s.name == "ratelimit")
+    handles = service_handles(settings, spec)
+    client = RateLimitClient(handles)
+    try:
+        pid = await handles[0].__ray_call__.remote(lambda actor: os.getpid())
+        allowed = 0
+        some_allowed = asyncio.Event()
+
+        async def check() -> RateDecision:
+            nonlocal allowed
+            decision = await client.check("loaded")
+            allowed += decision.allowed
+            if allowed >= 30:
+                some_allowed.set()
+            return decision
+
+        calls = [asyncio.ensure_future(check()) for _ in range(400)]
+        await some_allowed.wait()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*calls, return_exceptions=True)
+        acknowledged = allowed
+        for _ in range(600):
+            try:
+                after = await client.check("loaded")
+                break
+            except ServiceUnavailable:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the rate limiter did not come back")
+        counted = 1000 - 1 - after.remaining["day"]
+        assert acknowledged <= counted <= len(calls)
+        (stats,) = await client.stats()
+        assert stats.syncs <= stats.commits
+    finally:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_allowed_checks_syncs_at_most_once_per_durability_interval_and_never_idle(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    config = RateLimitConfig(message=WindowLimits(minute=1000, hour=1000, day=1000), synchronous="NORMAL")
+    limiter = RateLimiter(config, tmp_path, clock=clock)
+    try:
+        start = time.monotonic()
+        for i in range(200):
+            assert (await limiter.check(f"burst-{i % 20}")).allowed
+        await limiter.synced()
+        stats = await limiter.stats()
+        assert stats.unsynced_commits == 0
+        elapsed = time.monotonic() - start
+        # every allowed check was committed before it was answered; the syncs covering them
+        # came at one durability point per interval at most, not one per commit
+        assert stats.commits >= 1 and stats.allowed == 200
+        assert 1 <= stats.syncs <= elapsed / DURABILITY_INTERVAL + 1
+        await asyncio.sleep(2.5 * DURABILITY_INTERVAL)
+        assert (await limiter.stats()).syncs == stats.syncs
+    finally:
+        await limiter.close()

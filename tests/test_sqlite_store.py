@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from storage.sqlite import GroupCommitter, open_sqlite
+from storage.sqlite import CHECKPOINT_SYNCS, LOG_START_SYNCS, GroupCommitter, open_sqlite
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -65,3 +67,63 @@ async def test_a_delayed_commit_gathers_writers_and_an_urgent_writer_cuts_the_wa
     assert not late.done()
     committer.close()
     late.cancel()
+
+
+@pytest.mark.asyncio
+async def test_normal_mode_makes_at_most_one_sync_per_durability_interval_under_a_burst_and_none_idle(
+    tmp_path: Path,
+) -> None:
+    interval = 0.2
+    committer = GroupCommitter(open_sqlite(tmp_path / "s.sqlite", SCHEMA), durability_interval=interval)
+    start = time.monotonic()
+    for i in range(300):
+        await committer.write([("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))])
+    await committer.synced()
+    assert committer.unsynced == 0
+    elapsed = time.monotonic() - start
+    assert committer.commits == 300
+    # every commit was acknowledged, and the syncs covering them came once per interval at most
+    assert 1 <= committer.syncs <= elapsed / interval + 1
+    idle = committer.syncs
+    await asyncio.sleep(5 * interval)
+    assert committer.syncs == idle
+    committer.close()
+
+
+@pytest.mark.asyncio
+async def test_full_mode_syncs_every_commit(tmp_path: Path) -> None:
+    committer = GroupCommitter(open_sqlite(tmp_path / "s.sqlite", SCHEMA, "FULL"), durability_interval=3600)
+    for i in range(20):
+        await committer.write([("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))])
+    assert (committer.commits, committer.syncs, committer.unsynced) == (20, 20, 0)
+    committer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_grown_wal_is_checkpointed_at_a_durability_point_and_its_syncs_are_counted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.sqlite"
+    committer = GroupCommitter(open_sqlite(path, SCHEMA), durability_interval=3600, checkpoint_pages=5)
+    for i in range(20):
+        await committer.write([("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))])
+    # SQLite's own automatic checkpoint is off: nothing has synced or copied the WAL yet
+    assert (committer.syncs, committer.checkpoints) == (0, 0)
+    assert await asyncio.to_thread(os.path.getsize, f"{path}-wal") > 0
+    committer.durability_point()
+    assert (committer.syncs, committer.checkpoints, committer.unsynced) == (CHECKPOINT_SYNCS, 1, 0)
+    assert await asyncio.to_thread(os.path.getsize, f"{path}-wal") == 0
+    # the next commit starts a new log, whose header SQLite syncs; the next point syncs the WAL
+    await committer.write([("INSERT INTO kv VALUES ('after', 1)", ())])
+    assert committer.syncs == CHECKPOINT_SYNCS + LOG_START_SYNCS
+    committer.durability_point()
+    assert committer.syncs == CHECKPOINT_SYNCS + LOG_START_SYNCS + 1
+    other = sqlite3.connect(path)
+    assert other.execute("SELECT count(*) FROM kv").fetchone() == (21,)
+    other.close()
+    committer.close()
+
+
+def test_an_unknown_sync_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        open_sqlite(tmp_path / "s.sqlite", SCHEMA, "OFF")  # type: ignore[arg-type]

@@ -121,3 +121,16 @@ def test_cli_status_once(
     assert "raycord status" in out
     for name in runtime.handles:
         assert f"{name}-0" in out
+
+
+@pytest.mark.asyncio
+async def test_memory_is_shown_as_rss_pss_and_uss_for_replicas_on_this_machine(runtime: Runtime) -> None:
+    snapshot = await collect(runtime.settings)
+    out = _text(render(snapshot, runtime.settings))
+    assert "RSS / PSS / USS" in out
+    for r in snapshot.replicas:
+        assert r.memory is not None and r.health is not None
+        # RSS counts shared libraries in every process; PSS splits them; USS is the process's own
+        assert 0 < r.memory.uss <= r.memory.pss
+        shown = f"{r.memory.rss / 2**20:,.1f} / {r.memory.pss / 2**20:,.1f} / {r.memory.uss / 2**20:,.1f} MB"
+        assert shown in out
