@@ -270,6 +270,8 @@ class ChatPipeline:
             history=built.turns,
             images=_images(msg),
             key=key,
+            user=msg.user_id,
+            server=msg.server_id,
         )
         llm_started = self.clock()
         result = await self._generate(request, on_chunk)
