@@ -128,16 +128,18 @@ class ModelQuota:
 
 
 def _slot_free(now: float, times: list[float], ahead: int, limit: int, window: float) -> float:
-    """Seconds until the window of `times` (oldest first) has room for `ahead + 1` more."""
+    """Seconds until the window of `times` (oldest first) has room for `ahead + 1` more.
+
+    Admissions beyond the limit take the slots as they free: the i-th goes one window
+    after the slot it reuses was taken, which itself may have been reused before.
+    """
     overflow = len(times) + ahead + 1 - limit
     if overflow <= 0:
         return 0.0
-    if overflow <= len(times):
-        return times[overflow - 1] + window - now
-    # beyond what the window holds now: whole windows of `limit` each
-    rounds, rest = divmod(overflow - len(times) - 1, limit)
-    base = times[rest] if rest < len(times) else now
-    return base + window * (rounds + 1) - now
+    # the window full: what is in it now, then the requests that go at once
+    slots = sorted(times)[-limit:] + [now] * max(0, limit - len(times))
+    rounds, slot = divmod(overflow - 1, limit)
+    return slots[slot] + window * (rounds + 1) - now
 
 
 class FairQueue(Generic[T]):
