@@ -488,6 +488,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
     parser.add_argument("--stream-chunks", type=int, default=defaults.stream_chunks)
     parser.add_argument("--chunk-interval", type=float, default=defaults.chunk_interval)
+    parser.add_argument(
+        "--quota-requests-per-minute", type=int, default=0, help="per API key, answered 429 above it; 0: none"
+    )
+    parser.add_argument("--quota-tokens-per-minute", type=int, default=0, help="prompt tokens, per API key")
 
 
 def config_from_args(args: argparse.Namespace) -> FakeGeminiConfig:
@@ -496,4 +500,6 @@ def config_from_args(args: argparse.Namespace) -> FakeGeminiConfig:
         reply_tokens=args.reply_tokens,
         stream_chunks=args.stream_chunks,
         chunk_interval=args.chunk_interval,
+        quota_requests_per_minute=args.quota_requests_per_minute,
+        quota_tokens_per_minute=args.quota_tokens_per_minute,
     )
