@@ -26,7 +26,7 @@ from actors.context import ContextClient, ContextStore
 from actors.ratelimit import RateLimitClient, RateLimiter
 from bot.config import Settings
 from bot.llm import LLM
-from bot.llm.gateway import GatewayClient, GatewayConfig, LLMGateway
+from bot.llm.gateway import GatewayClient, GatewayConfig, LLMGateway, default_model
 from bot.pipeline import ChatPipeline
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
 
 def make_llm(settings: Settings, handles: list[Any]) -> GatewayClient:
     """The pipeline's LLM: a client of the gateway replicas, offline or Gemini alike."""
-    return GatewayClient(handles, name=GatewayConfig.from_settings(settings).model_name())
+    return GatewayClient(handles, name=default_model(settings.llm_backend(), settings.llm))
 
 
 class Runtime:

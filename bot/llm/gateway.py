@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from pydantic import BaseModel, SecretStr
+from yarl import URL
 
 from actors import metrics
 from actors.base import Clock, Service, ShardedClient
@@ -51,7 +53,15 @@ from bot.llm.quota import FairQueue, ModelLimits, ModelQuota, Ticket, estimate_p
 from bot.llm.replies import Reply
 from bot.llm.resilience import Backoff, CircuitBreaker
 
-__all__ = ["GatewayClient", "GatewayConfig", "GatewayStats", "GeminiLLM", "LLMGateway"]
+__all__ = [
+    "GatewayClient",
+    "GatewayConfig",
+    "GatewayStats",
+    "GeminiLLM",
+    "LLMGateway",
+    "default_model",
+    "env_proxy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,21 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: quota exhausted or model overloaded: the next fallback model is tried at once
 FALLBACK_STATUS = frozenset({429, 503})
+#: where the SDK sends requests when no base URL is configured
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+
+
+def env_proxy(base_url: str | None) -> str | None:
+    """The proxy the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`...) gives for the
+    API's host, credentials included, or None. Looked up by the front-end that makes the
+    gateway, whose environment is the operator's; a Ray worker's may not be."""
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(base_url or DEFAULT_BASE_URL))
+    except LookupError:
+        return None
+    if auth is not None:
+        proxy = proxy.with_user(auth.login).with_password(auth.password)
+    return str(proxy)
 
 
 class GatewayConfig(BaseModel):
@@ -89,15 +114,18 @@ class GatewayConfig(BaseModel):
                 raise ValueError(
                     "the Gemini backend needs GEMINI_API_KEY (or GOOGLE_API_KEY) or llm.base_url"
                 )
-            from bot.llm.gemini import env_proxy
-
             found = env_proxy(settings.llm.base_url)
             proxy = SecretStr(found) if found else None
         return cls(llm=settings.llm, backend=chosen, api_key=settings.gemini_api_key, proxy=proxy)
 
     def model_name(self) -> str:
         """The model the pipeline asks for by default."""
-        return OFFLINE_MODEL if self.backend == "offline" else self.llm.model
+        return default_model(self.backend, self.llm)
+
+
+def default_model(backend: str, llm: LLMSettings) -> str:
+    """The model a pipeline on `backend` asks for unless told otherwise."""
+    return OFFLINE_MODEL if backend == "offline" else llm.model
 
 
 class GatewayStats(BaseModel):

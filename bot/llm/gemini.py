@@ -15,32 +15,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url
 from google import genai
 from google.genai import errors, types
-from yarl import URL
 
 from bot.llm.base import Chunk, ImagePart, LLMRequest
 
-__all__ = ["GeminiBackend", "env_proxy", "retry_delay", "summarise"]
+__all__ = ["GeminiBackend", "retry_delay", "summarise"]
 
 log = logging.getLogger(__name__)
-
-#: where the SDK sends requests when no base URL is configured
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
-
-
-def env_proxy(base_url: str | None) -> str | None:
-    """The proxy the environment (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`...) gives for the
-    API's host, credentials included, or None. Looked up by the front-end that makes the
-    gateway, whose environment is the operator's; a Ray worker's may not be."""
-    try:
-        proxy, auth = get_env_proxy_for_url(URL(base_url or DEFAULT_BASE_URL))
-    except LookupError:
-        return None
-    if auth is not None:
-        proxy = proxy.with_user(auth.login).with_password(auth.password)
-    return str(proxy)
 
 
 def summarise(response: Any) -> Chunk:
