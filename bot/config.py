@@ -134,6 +134,9 @@ class LLMSettings(BaseModel):
     stream_interval_seconds: float = Field(default=0.1, ge=0)
     #: ...or as soon as this many characters are waiting
     stream_chunk_chars: int = Field(default=400, ge=1)
+    #: the history sent is trimmed, oldest turns first, to fit this many prompt tokens
+    #: (estimated, and calibrated per conversation from what the API counted last time)
+    max_prompt_tokens: int = Field(default=32_000, ge=1)
     #: total deadline of one request: queueing, every attempt and the waits between them
     timeout_seconds: float = Field(default=60.0, gt=0)
     api_version: str = "v1beta"

@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from pydantic import ValidationError
 
+from actors.errors import InputRejected
 from bot.config import LLMSettings, ModelQuota, QuotaSettings, Settings
 from bot.llm import LLMRequest
 from bot.llm.base import GatewayBusy, UnknownModel
@@ -284,3 +285,61 @@ async def test_pieces_of_a_stream_are_coalesced_on_their_way_out(
     assert len(pieces) < 24
     assert all(len(p) >= 40 for p in pieces[1:-1])
     assert stream.result is not None and "".join(pieces) == stream.result.text
+
+
+def _history(turns: int, words: int, word: str = "word") -> tuple[tuple[str, str, str], ...]:
+    return tuple(
+        ("user" if i % 2 == 0 else "model", "", f"turn{i} " + f"{word} " * words) for i in range(turns)
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_history_is_trimmed_oldest_turns_first_to_the_prompt_budget(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm(max_prompt_tokens=150)
+    history = _history(10, 40)  # each turn ~205 characters, ~51 tokens by the estimate
+    await llm.generate(LLMRequest(prompt="latest", model="gemini-2.5-flash", history=history))
+    sent = server.arrivals[-1].history
+    assert 0 < len(sent) < len(history)
+    # the newest turns, in order, from a user turn
+    assert [h.split()[0] for h in sent] == [t[2].split()[0] for t in history[-len(sent) :]]
+    assert sent[0].startswith(("turn0", "turn2", "turn4", "turn6", "turn8"))
+    assert llm.stats().trimmed == 1
+
+
+@pytest.mark.asyncio
+async def test_the_budget_is_calibrated_per_conversation_from_what_the_api_counted(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm(max_prompt_tokens=300)
+    # long words: ~7 estimated tokens each, one each as the server counts them
+    history = _history(10, 10, "abcdefghijklmnopqrstuvwxyz")
+
+    def turn(conversation: str) -> LLMRequest:
+        return LLMRequest(prompt="next", model="gemini-2.5-flash", history=history, conversation=conversation)
+
+    await llm.generate(turn("c1"))
+    first = len(server.arrivals[-1].history)
+    await llm.generate(turn("c1"))
+    calibrated = len(server.arrivals[-1].history)
+    await llm.generate(turn("c2"))
+    other = len(server.arrivals[-1].history)
+    assert first < calibrated == len(history)
+    assert other == first  # another conversation has no calibration yet
+
+
+@pytest.mark.asyncio
+async def test_a_prompt_the_api_finds_too_long_is_trimmed_further_and_retried_once(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    server.config.max_input_tokens = 60
+    llm = make_llm()
+    history = _history(10, 7)  # 80 words: over the model's 60
+    result = await llm.generate(LLMRequest(prompt="go on", model="gemini-2.5-flash", history=history))
+    assert result.finish_reason == "STOP"
+    assert [len(a.history) for a in server.arrivals] == [10, 4]
+    server.config.max_input_tokens = 5
+    with pytest.raises(InputRejected, match="longer than the model takes"):
+        await llm.generate(LLMRequest(prompt="go on", model="gemini-2.5-flash", history=history))
+    assert len(server.arrivals) == 4  # one trim and one retry, never more

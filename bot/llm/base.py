@@ -32,6 +32,9 @@ class LLMRequest:
     #: who asks, and from which server: the gateway's fair queue takes turns by these
     user: str = ""
     server: str | None = None
+    #: the conversation this turn belongs to (its scope and user), "" for a stateless one:
+    #: the gateway calibrates its token estimate per conversation
+    conversation: str = ""
 
 
 @dataclass(slots=True)

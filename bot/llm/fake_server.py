@@ -68,6 +68,12 @@ class Arrival:
     prompt: str
     fault: str | None
     images: int
+    #: the turns sent (history and the new message)
+    turns: int = 0
+    #: the request's generation config, as sent (`generationConfig`)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: the text of each turn before the new message, oldest first
+    history: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -89,6 +95,8 @@ class FakeGeminiConfig:
     overloaded_models: list[str] = field(default_factory=list)
     #: thinking tokens reported per reply (`thoughtsTokenCount`)
     thinking_tokens: int = 0
+    #: the model's input limit in prompt tokens (0: none); longer prompts get Gemini's 400
+    max_input_tokens: int = 0
 
 
 @dataclass
@@ -208,6 +216,9 @@ class FakeGemini:
                 prompt,
                 fault.kind if fault else None,
                 sum(1 for c in contents for p in c.get("parts", ()) if "inlineData" in p),
+                len(contents),
+                dict(body.get("generationConfig") or {}),
+                [" ".join(p.get("text", "") for p in c.get("parts", ())) for c in contents[:-1]],
             )
         )
         self._arrived.set()
@@ -242,6 +253,13 @@ class FakeGemini:
         model = request.match_info["target"].partition(":")[0]
         if model in cfg.overloaded_models:
             return _error(503, *_STATUS[503])
+        if cfg.max_input_tokens and _prompt_tokens(body) > cfg.max_input_tokens:
+            return _error(
+                400,
+                "INVALID_ARGUMENT",
+                f"The input token count ({_prompt_tokens(body)}) exceeds the maximum number of tokens "
+                f"allowed ({cfg.max_input_tokens}).",
+            )
 
         words = _reply_words(prompt, cfg.reply_tokens)
         tokens_in = _prompt_tokens(body)

@@ -20,10 +20,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +71,10 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: quota exhausted or model overloaded: the next fallback model is tried at once
 FALLBACK_STATUS = frozenset({429, 503})
+#: conversations whose token calibration the gateway keeps (least recently used go first)
+CALIBRATED_CONVERSATIONS = 10_000
+#: a conversation's measured tokens per estimated token, kept within these bounds
+CALIBRATION_BOUNDS = (0.25, 4.0)
 #: where the SDK sends requests when no base URL is configured
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 
@@ -139,6 +145,8 @@ class GatewayStats(BaseModel):
     failures: int
     fallbacks: int
     busy: int
+    #: requests whose history was trimmed to fit the prompt budget
+    trimmed: int
     in_flight: int
     queued: int
     peak_in_flight: int
@@ -198,6 +206,10 @@ class _Flight:
         return self.result
 
 
+class _TooLong(Exception):
+    """The API refused the prompt as longer than the model takes (a 400)."""
+
+
 class _Retryable(Exception):
     """An attempt failed in a way another attempt (or another model) may fix."""
 
@@ -236,6 +248,9 @@ class LLMGateway(Service):
         self._backoff = Backoff(cfg.backoff_base_seconds, cfg.backoff_max_seconds)
         #: model -> clock time before which the server asked us not to call it again
         self._cooling: dict[str, float] = {}
+        #: conversation -> prompt tokens the API counted per token estimated, last time
+        self._calibration: OrderedDict[str, float] = OrderedDict()
+        self.trimmed = 0
         self.requests = self.streams = self.upstream_calls = self.coalesced = 0
         self.retries = self.failures = self.fallbacks = self.busy = 0
         self.tokens_in = self.tokens_out = self.cached_tokens = self.thinking_tokens = 0
@@ -375,10 +390,13 @@ class LLMGateway(Service):
         cfg = self.settings
         backend = self._upstream()
         chain = self._chain(request)
-        tokens = estimate_prompt_tokens(request)
+        request = self._fit(request)
+        estimate = estimate_prompt_tokens(request)
+        tokens = round(estimate * self._ratio(request.conversation))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.timeout_seconds
         attempt = 0
+        trimmed_for_length = False
         while True:
             attempt += 1
             model, ticket = await self._admit(request, chain, tokens, deadline, first=attempt == 1)
@@ -403,6 +421,21 @@ class LLMGateway(Service):
                             emitted = True
             except Exception as exc:
                 failure = self._classify(exc, model)
+                if isinstance(failure, _TooLong):
+                    if trimmed_for_length or len(request.history) < 2 or emitted or flight.chunks:
+                        self.failures += 1
+                        raise InputRejected(
+                            "the conversation is longer than the model takes; /reset starts a fresh one"
+                        ) from exc
+                    # the estimate was off: keep the newer half of the history, once
+                    trimmed_for_length = True
+                    self.trimmed += 1
+                    request = replace(
+                        request, history=_from_user_turn(request.history[len(request.history) // 2 :])
+                    )
+                    estimate = estimate_prompt_tokens(request)
+                    tokens = round(estimate * self._ratio(request.conversation))
+                    continue
                 if not isinstance(failure, _Retryable):
                     self.failures += 1
                     raise failure from exc
@@ -422,6 +455,7 @@ class LLMGateway(Service):
                 self._release()
             self._upstream_answered(model, "ok")
             self._quota(model).correct(ticket, reply.tokens_in)
+            self._calibrate(request.conversation, estimate, reply.tokens_in)
             note = reply.closing_note()
             if note:
                 flight.push(note)
@@ -431,6 +465,35 @@ class LLMGateway(Service):
                 result.metadata["fallback_from"] = chain[0]
             self._count_tokens(reply)
             return result
+
+    def _fit(self, request: LLMRequest) -> LLMRequest:
+        """`request` with its oldest turns left out until its prompt fits
+        `llm.max_prompt_tokens` (by the conversation's calibrated estimate)."""
+        budget = self.settings.max_prompt_tokens
+        ratio = self._ratio(request.conversation)
+        total = estimate_prompt_tokens(request) * ratio
+        if total <= budget or not request.history:
+            return request
+        history = request.history
+        drop = 0
+        while drop < len(history) and total > budget:
+            _, author, text = history[drop]
+            total -= (len(author) + len(text) + 2) / 4 * ratio
+            drop += 1
+        self.trimmed += 1
+        return replace(request, history=_from_user_turn(history[drop:]))
+
+    def _ratio(self, conversation: str) -> float:
+        return self._calibration.get(conversation, 1.0) if conversation else 1.0
+
+    def _calibrate(self, conversation: str, estimate: int, counted: int) -> None:
+        if not conversation or estimate <= 0 or counted <= 0:
+            return
+        low, high = CALIBRATION_BOUNDS
+        self._calibration[conversation] = min(high, max(low, counted / estimate))
+        self._calibration.move_to_end(conversation)
+        while len(self._calibration) > CALIBRATED_CONVERSATIONS:
+            self._calibration.popitem(last=False)
 
     async def _admit(
         self, request: LLMRequest, chain: tuple[str, ...], tokens: int, deadline: float, *, first: bool
@@ -604,6 +667,8 @@ class LLMGateway(Service):
             message = exc.message or exc.status or "no detail"
             if code == 404:
                 return UnknownModel(model)
+            if code == 400 and _TOO_LONG.search(message):
+                return _TooLong(message)
             if code == 400:
                 return InputRejected(f"the model refused the request ({message})")
             log.error("LLM call failed with %s %s: %s", code, exc.status, message)
@@ -699,6 +764,7 @@ class LLMGateway(Service):
             failures=self.failures,
             fallbacks=self.fallbacks,
             busy=self.busy,
+            trimmed=self.trimmed,
             in_flight=self._in_flight,
             queued=len(self._queue),
             peak_in_flight=self.peak_in_flight,
@@ -721,6 +787,18 @@ class LLMGateway(Service):
         if self._backend is not None:
             await self._backend.aclose()
             self._backend = None
+
+
+#: how Gemini says a prompt is longer than the model takes
+_TOO_LONG = re.compile(r"input token count|exceeds the maximum number of tokens|too long", re.IGNORECASE)
+
+
+def _from_user_turn(history: tuple[tuple[str, str, str], ...]) -> tuple[tuple[str, str, str], ...]:
+    """`history` starting at a user turn, as a conversation does (a trim may cut between)."""
+    start = 0
+    while start < len(history) and history[start][0] == "model":
+        start += 1
+    return history[start:]
 
 
 # --- the front-end's side -------------------------------------------------------------------
