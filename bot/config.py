@@ -134,6 +134,11 @@ class LLMSettings(BaseModel):
     stream_interval_seconds: float = Field(default=0.1, ge=0)
     #: ...or as soon as this many characters are waiting
     stream_chunk_chars: int = Field(default=400, ge=1)
+    #: ground replies in Google Search; the pages they drew on are listed under the reply
+    google_search: bool = False
+    #: tokens the model may think with (0 turns thinking off, -1 lets the model decide);
+    #: unset leaves the model's default. Thoughts are never shown to users.
+    thinking_budget: int | None = Field(default=None, ge=-1)
     #: the history sent is trimmed, oldest turns first, to fit this many prompt tokens
     #: (estimated, and calibrated per conversation from what the API counted last time)
     max_prompt_tokens: int = Field(default=32_000, ge=1)

@@ -343,3 +343,42 @@ async def test_a_prompt_the_api_finds_too_long_is_trimmed_further_and_retried_on
     with pytest.raises(InputRejected, match="longer than the model takes"):
         await llm.generate(LLMRequest(prompt="go on", model="gemini-2.5-flash", history=history))
     assert len(server.arrivals) == 4  # one trim and one retry, never more
+
+
+@pytest.mark.asyncio
+async def test_grounded_replies_list_their_sources_and_thoughts_stay_hidden(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    server.config.thinking_tokens = 50
+    llm = make_llm(google_search=True, thinking_budget=20)
+    stream = llm.stream(ask("what is ray"))
+    text = "".join([chunk async for chunk in stream])
+    assert "\n\nSources:\n- [example.com](<https://example.com/search?q=what+is+ray>)" in text
+    assert stream.result is not None and stream.result.text == text
+    # the budget reached the API, and the thinking it reported is counted, never shown
+    assert server.arrivals[-1].config["thinkingConfig"]["thinking_budget"] == 20
+    assert stream.result.metadata["thinking_tokens"] == "20"
+    assert llm.stats().thinking_tokens == 20
+
+
+@pytest.mark.asyncio
+async def test_without_the_features_configured_no_search_or_thinking_is_asked_for(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    result = await make_llm().generate(ask("plain"))
+    assert "Sources" not in result.text
+    assert "thinkingConfig" not in server.arrivals[-1].config
+
+
+@pytest.mark.asyncio
+async def test_a_repeated_prompt_prefix_counts_as_cached_tokens(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm()
+    history = _history(2, 5)
+    first = await llm.generate(LLMRequest(prompt="one", model="gemini-2.5-flash", history=history))
+    second = await llm.generate(LLMRequest(prompt="two", model="gemini-2.5-flash", history=history))
+    assert "cached_tokens" not in first.metadata
+    # the two turns of history, six words each, came back from the implicit cache
+    assert second.metadata["cached_tokens"] == "12"
+    assert llm.stats().cached_tokens == 12

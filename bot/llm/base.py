@@ -59,6 +59,8 @@ class Chunk(NamedTuple):
     block_reason: str | None
     #: (prompt, candidates, thoughts, cached) token counts, when the response carried usage
     usage: tuple[int, int, int, int] | None
+    #: (title, uri) of the web pages a grounded reply drew on
+    sources: tuple[tuple[str, str], ...] = ()
 
 
 class Backend(Protocol):

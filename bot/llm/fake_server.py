@@ -6,7 +6,8 @@ in Gemini's wire format, with configurable latency and token counts, and injects
 Like the real API it enforces a per-key quota (requests and prompt tokens per rolling minute,
 answered 429 with `QuotaFailure` and `RetryInfo`), answers 404 for a model it does not know and
 503 for models it is told are overloaded, and reports cached (a prompt prefix it saw in the last
-minutes) and thinking tokens in `usageMetadata`.
+minutes) and thinking tokens in `usageMetadata`, and grounding metadata for a request that
+carries the Google Search tool.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class FakeGemini:
         words = _reply_words(prompt, cfg.reply_tokens)
         tokens_in = _prompt_tokens(body)
         cached = self._cached_tokens(body)
+        thinking = _thinking_tokens(body, cfg.thinking_tokens)
+        grounding = _grounding(body, prompt)
         finish = "STOP"
         if fault is not None and fault.kind == "max_tokens":
             words, finish = words[: max(1, len(words) // 2)], "MAX_TOKENS"
@@ -281,11 +284,13 @@ class FakeGemini:
                 }
                 if last:
                     candidate["finishReason"] = finish
+                    if grounding is not None:
+                        candidate["groundingMetadata"] = grounding
                 done = sum(len(p.split()) for p in pieces[: i + 1])
                 chunks.append(
                     {
                         "candidates": [candidate],
-                        "usageMetadata": _usage(tokens_in, done, cached, cfg.thinking_tokens),
+                        "usageMetadata": _usage(tokens_in, done, cached, thinking),
                         "modelVersion": request.match_info["target"].partition(":")[0],
                     }
                 )
@@ -447,6 +452,29 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     system = body.get("systemInstruction") or {}
     contents = [*body["contents"], *([system] if isinstance(system, dict) else [])]
     return sum(len(str(p.get("text", "")).split()) for c in contents for p in c.get("parts", ()))
+
+
+def _thinking_tokens(body: dict[str, Any], configured: int) -> int:
+    """Thinking tokens of a reply: the configured count, within the request's budget
+    (`thinkingConfig.thinkingBudget`; 0 turns thinking off)."""
+    # like Google's JSON parser, either spelling of a field (the SDK sends this one in snake_case)
+    thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
+    budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+    if budget is None or budget < 0:
+        return configured
+    return min(configured, int(budget))
+
+
+def _grounding(body: dict[str, Any], prompt: str) -> dict[str, Any] | None:
+    """Grounding metadata citing two pages, for a request with the Google Search tool."""
+    if not any("googleSearch" in tool or "google_search" in tool for tool in body.get("tools") or ()):
+        return None
+    query = "+".join(prompt.split()[:6]) or "query"
+    pages = [
+        {"web": {"uri": f"https://example.com/search?q={query}", "title": "example.com"}},
+        {"web": {"uri": f"https://example.org/wiki/{query}", "title": "example.org"}},
+    ]
+    return {"webSearchQueries": [prompt[:80]], "groundingChunks": pages, "groundingSupports": []}
 
 
 def _usage(tokens_in: int, tokens_out: int, cached: int = 0, thinking: int = 0) -> dict[str, int]:

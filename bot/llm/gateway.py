@@ -729,6 +729,8 @@ class LLMGateway(Service):
                     proxy=proxy,
                     temperature=cfg.temperature,
                     max_output_tokens=cfg.max_output_tokens,
+                    google_search=cfg.google_search,
+                    thinking_budget=cfg.thinking_budget,
                 )
         return self._backend
 

@@ -48,7 +48,19 @@ def summarise(response: Any) -> Chunk:
     finish = _enum_name(candidate.finish_reason) if candidate.finish_reason is not None else None
     parts = candidate.content.parts if candidate.content and candidate.content.parts else []
     text = "".join(p.text for p in parts if p.text and not p.thought)
-    return Chunk(text, True, finish, block, counts)
+    return Chunk(text, True, finish, block, counts, _sources(candidate))
+
+
+def _sources(candidate: Any) -> tuple[tuple[str, str], ...]:
+    """(title, uri) of each web page a grounded candidate cites."""
+    grounding = candidate.grounding_metadata
+    if grounding is None or not grounding.grounding_chunks:
+        return ()
+    return tuple(
+        (chunk.web.title or chunk.web.uri, chunk.web.uri)
+        for chunk in grounding.grounding_chunks
+        if chunk.web is not None and chunk.web.uri
+    )
 
 
 def _enum_name(value: Any) -> str:
@@ -69,6 +81,8 @@ class GeminiBackend:
         proxy: str | None,
         temperature: float,
         max_output_tokens: int,
+        google_search: bool = False,
+        thinking_budget: int | None = None,
     ) -> None:
         # The SDK's own session has `trust_env=True`, so aiohttp would look up `~/.netrc`
         # and the proxy variables on a worker thread for every request; the proxy is
@@ -92,6 +106,8 @@ class GeminiBackend:
             http_options.base_url = base_url
         self._client = genai.Client(api_key=api_key, vertexai=False, http_options=http_options)
         self._generation = {"temperature": temperature, "max_output_tokens": max_output_tokens}
+        self._google_search = google_search
+        self._thinking_budget = thinking_budget
 
     async def call(
         self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
@@ -144,6 +160,12 @@ class GeminiBackend:
         }
         if request.system_prompt:
             config["system_instruction"] = request.system_prompt
+        if self._google_search:
+            config["tools"] = [{"google_search": {}}]
+        if self._thinking_budget is not None:
+            # thoughts stay out of the reply: `summarise` drops thought parts as well. (The
+            # SDK sends this object's keys in snake_case; the API's JSON takes either case.)
+            config["thinking_config"] = {"thinking_budget": self._thinking_budget, "include_thoughts": False}
         return contents, config
 
 

@@ -7,6 +7,9 @@ from bot.llm.base import Chunk, LLMResult
 
 __all__ = ["Reply"]
 
+#: links listed under a grounded reply at most
+MAX_SOURCES = 5
+
 #: what the user reads when the model ends a reply for a reason other than finishing it
 _ENDINGS = {
     "SAFETY": "I can't help with that one: the model's safety filters blocked the reply.",
@@ -24,7 +27,16 @@ _UNFINISHED = "*(the model stopped early: {reason})*"
 class Reply:
     """A reply assembled from one response or a stream of them."""
 
-    __slots__ = ("block_reason", "cached", "finish_reason", "parts", "thoughts", "tokens_in", "tokens_out")
+    __slots__ = (
+        "block_reason",
+        "cached",
+        "finish_reason",
+        "parts",
+        "sources",
+        "thoughts",
+        "tokens_in",
+        "tokens_out",
+    )
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -34,6 +46,8 @@ class Reply:
         self.tokens_out = 0
         self.thoughts = 0
         self.cached = 0
+        #: uri -> title of the pages a grounded reply drew on, in the order first cited
+        self.sources: dict[str, str] = {}
 
     def add(self, chunk: Chunk) -> str:
         """Take in one response; returns its new text."""
@@ -46,6 +60,8 @@ class Reply:
             self.cached = cached
         if chunk.block_reason is not None:
             self.block_reason = chunk.block_reason
+        for title, uri in chunk.sources:
+            self.sources.setdefault(uri, title)
         if not chunk.has_candidates:
             return ""
         if chunk.finish_reason is not None:
@@ -69,17 +85,25 @@ class Reply:
         return self.finish_reason
 
     def closing_note(self) -> str:
-        """What to add after the text so the user knows why the reply ends where it does."""
+        """What to add after the text: why the reply ends where it does, and the pages a
+        grounded reply drew on."""
         reason = self.reason
         if reason == "STOP":
-            return ""
+            return self._source_list()
         if self.block_reason is not None:
             note = _PROMPT_BLOCKED
         elif reason == "EMPTY":
             note = _EMPTY
         else:
             note = _ENDINGS.get(reason, _UNFINISHED.format(reason=reason.lower().replace("_", " ")))
-        return f"\n\n{note}" if self.parts else note
+        return (f"\n\n{note}" if self.parts else note) + self._source_list()
+
+    def _source_list(self) -> str:
+        if not self.sources or not self.parts:
+            return ""
+        # <...> keeps Discord from unfurling a preview of every link
+        links = "\n".join(f"- [{title}](<{uri}>)" for uri, title in list(self.sources.items())[:MAX_SOURCES])
+        return f"\n\nSources:\n{links}"
 
     def result(self, model: str, backend: str, offline: bool = False) -> LLMResult:
         metadata = {"backend": backend}
