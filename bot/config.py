@@ -77,6 +77,25 @@ QUOTA_PRESETS: dict[str, dict[str, ModelQuota]] = {
 }
 
 
+class ModelPrice(BaseModel):
+    """US dollars per million tokens of one model, by kind."""
+
+    input: float = Field(ge=0)
+    #: prompt tokens served from Gemini's (implicit or explicit) cache
+    cached_input: float = Field(ge=0)
+    #: reply tokens, thinking included
+    output: float = Field(ge=0)
+
+
+#: Gemini API list prices (paid tier, prompts up to 200k tokens), per million tokens
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gemini-2.5-pro": ModelPrice(input=1.25, cached_input=0.31, output=10.0),
+    "gemini-2.5-flash": ModelPrice(input=0.30, cached_input=0.075, output=2.50),
+    "gemini-2.5-flash-lite": ModelPrice(input=0.10, cached_input=0.025, output=0.40),
+    "gemini-2.0-flash": ModelPrice(input=0.10, cached_input=0.025, output=0.40),
+}
+
+
 class QuotaSettings(ModelQuota):
     """`llm.quota`: a preset, with the three numbers (env
     `RAYCORD_LLM__QUOTA__REQUESTS_PER_MINUTE` etc.) and `models` overriding it.
@@ -134,6 +153,8 @@ class LLMSettings(BaseModel):
     stream_interval_seconds: float = Field(default=0.1, ge=0)
     #: ...or as soon as this many characters are waiting
     stream_chunk_chars: int = Field(default=400, ge=1)
+    #: estimated cost per model (a model not listed is counted at no cost)
+    prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     #: ground replies in Google Search; the pages they drew on are listed under the reply
     google_search: bool = False
     #: tokens the model may think with (0 turns thinking off, -1 lets the model decide);

@@ -371,7 +371,7 @@ async def test_without_the_features_configured_no_search_or_thinking_is_asked_fo
 
 
 @pytest.mark.asyncio
-async def test_a_repeated_prompt_prefix_counts_as_cached_tokens(
+async def test_a_repeated_prompt_prefix_counts_as_cached_tokens_and_costs_less(
     server: FakeGemini, make_llm: MakeLLM
 ) -> None:
     llm = make_llm()
@@ -381,4 +381,15 @@ async def test_a_repeated_prompt_prefix_counts_as_cached_tokens(
     assert "cached_tokens" not in first.metadata
     # the two turns of history, six words each, came back from the implicit cache
     assert second.metadata["cached_tokens"] == "12"
-    assert llm.stats().cached_tokens == 12
+    stats = llm.stats()
+    assert stats.cached_tokens == 12
+    assert stats.cached_prompt_share == pytest.approx(12 / (first.tokens_in + second.tokens_in))
+    # cached prompt tokens cost a quarter of the others (gemini-2.5-flash's list prices)
+    price = LLMSettings().prices["gemini-2.5-flash"]
+    expected = (
+        (second.tokens_in - 12) * price.input + 12 * price.cached_input + second.tokens_out * price.output
+    ) / 1e6
+    assert float(second.metadata["cost_usd"]) == pytest.approx(expected, rel=1e-6)
+    assert stats.cost_usd["gemini-2.5-flash"] == pytest.approx(
+        float(first.metadata["cost_usd"]) + expected, rel=1e-6
+    )

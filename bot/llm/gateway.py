@@ -156,6 +156,10 @@ class GatewayStats(BaseModel):
     tokens_out: int
     cached_tokens: int
     thinking_tokens: int
+    #: share of prompt tokens served from Gemini's cache
+    cached_prompt_share: float
+    #: estimated US dollars spent since the gateway started, per model
+    cost_usd: dict[str, float]
     #: per model: requests this minute, prompt tokens this minute, requests today
     quota_used: dict[str, tuple[int, int, int]]
 
@@ -254,6 +258,8 @@ class LLMGateway(Service):
         self.requests = self.streams = self.upstream_calls = self.coalesced = 0
         self.retries = self.failures = self.fallbacks = self.busy = 0
         self.tokens_in = self.tokens_out = self.cached_tokens = self.thinking_tokens = 0
+        #: estimated US dollars spent, per model
+        self.cost_usd: dict[str, float] = {}
         self._m_requests = metrics.counter("llm_requests", "requests to the LLM gateway", ("kind",))
         self._m_attempts = metrics.counter(
             "llm_upstream_calls", "upstream LLM calls by model and outcome", ("model", "outcome")
@@ -264,6 +270,7 @@ class LLMGateway(Service):
         )
         self._m_fallbacks = metrics.counter("llm_fallbacks", "requests moved to a fallback model", ("model",))
         self._m_tokens = metrics.counter("llm_tokens", "LLM tokens by kind", ("kind",))
+        self._m_cost = metrics.counter("llm_cost_usd", "estimated LLM cost in US dollars", ("model",))
         self._m_queue_wait = metrics.histogram(
             "llm_queue_wait_ms", "time a request waited for its turn", metrics.LATENCY_MS_BOUNDARIES
         )
@@ -464,6 +471,9 @@ class LLMGateway(Service):
             if model != chain[0]:
                 result.metadata["fallback_from"] = chain[0]
             self._count_tokens(reply)
+            cost = self._cost(result.model, reply)
+            if cost:
+                result.metadata["cost_usd"] = f"{cost:.8f}"
             return result
 
     def _fit(self, request: LLMRequest) -> LLMRequest:
@@ -705,6 +715,22 @@ class LLMGateway(Service):
             if value:  # Ray counters refuse an increment of zero
                 self._m_tokens.inc(value, tags={"kind": kind})
 
+    def _cost(self, model: str, reply: Reply) -> float:
+        """The call's estimated cost by the price table, added to the totals."""
+        price = self.settings.prices.get(model)
+        if price is None:
+            return 0.0
+        cached = min(reply.cached, reply.tokens_in)
+        cost = (
+            (reply.tokens_in - cached) * price.input
+            + cached * price.cached_input
+            + reply.tokens_out * price.output
+        ) / 1e6
+        if cost > 0:
+            self.cost_usd[model] = self.cost_usd.get(model, 0.0) + cost
+            self._m_cost.inc(cost, tags={"model": model})
+        return cost
+
     def _images(self, request: LLMRequest) -> tuple[ImagePart, ...]:
         return check_images(
             request.images, max_images=self.settings.max_images, max_bytes=self.settings.max_image_bytes
@@ -776,6 +802,8 @@ class LLMGateway(Service):
             tokens_out=self.tokens_out,
             cached_tokens=self.cached_tokens,
             thinking_tokens=self.thinking_tokens,
+            cached_prompt_share=self.cached_tokens / self.tokens_in if self.tokens_in else 0.0,
+            cost_usd=dict(self.cost_usd),
             quota_used={m: q.used(now) for m, q in self._quotas.items()},
         )
 
