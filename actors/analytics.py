@@ -58,13 +58,12 @@ class AnalyticsConfig(BaseModel):
     client_batch_seconds: float = Field(default=0.1, gt=0)
     client_batch_events: int = Field(default=500, ge=1)
     #: ...and up to this many in one call when more have built up (the sender ran late, or
-    #: every send slot was busy): a Ray call costs ~5 ms of CPU on each side here, whatever
-    #: it carries, which at 500 events a call caps one sink at ~40k events/s
+    #: every send slot was busy): a Ray call costs the same CPU on each side whatever it
+    #: carries, so the events per call cap a sink's rate (BENCHMARKS.md, analytics)
     client_max_batch_events: int = Field(default=2_000, ge=1)
     #: batches the client may have unacknowledged at once. A batch is acknowledged after
-    #: its commit, so these must cover what a commit holds and what queues for the next:
-    #: through the actor here, 32 calls of 2,000 events sustained 51.7k events/s, and 64
-    #: of 500 30.2k. (32 x 2,000 stays under the sink's `max_pending_events`.)
+    #: its commit, so these must cover what a commit holds and what queues for the next
+    #: (32 x 2,000 stays under the sink's `max_pending_events`; BENCHMARKS.md has the runs)
     client_max_inflight: int = Field(default=32, ge=1)
     #: events the client holds in memory before spilling the excess to disk
     client_max_buffer_events: int = Field(default=50_000, ge=1)
@@ -76,17 +75,15 @@ class AnalyticsConfig(BaseModel):
     sample_rates: dict[str, float] = Field(default_factory=dict)
     #: the sink process's GIL switch interval (ms; 0 keeps Python's 5 ms). DuckDB takes the
     #: GIL back for each chunk of an Arrow scan, and waits up to this long each time while
-    #: the loop converts the next batches: at 5 ms that halves its insert rate here
+    #: the loop converts the next batches, so Python's default slows its inserts
     gil_switch_interval_ms: float = Field(default=1.0, ge=0)
     #: DuckDB checkpoints (rewrites the event-id index) each time its write-ahead log grows
-    #: this much: at DuckDB's own 16 MB the checkpoints grow with the table, and the insert
-    #: rate here fell from 50k to 31k events/s over 800k events; at 256 MB it stays flat.
-    #: A restart replays at most this much log.
+    #: this much: at DuckDB's own 16 MB the checkpoints grow with the table and the insert
+    #: rate falls as it does; a large log keeps it flat. A restart replays at most this much.
     checkpoint_wal_mb: int = Field(default=256, ge=1)
     #: DuckDB's worker threads in the sink's process (0: one per core). One keeps its
     #: inserts from competing with the process's own threads for the interpreter lock and
-    #: the cores: 27.7k against 20.6k events/s through the actor here. Operator queries
-    #: run on them too.
+    #: the cores. Operator queries run on them too.
     duckdb_threads: int = Field(default=1, ge=0)
     query_max_rows: int = Field(default=1_000, ge=1)
     query_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -129,7 +126,7 @@ def event_row(event: AnalyticsEvent, weight: float | None = None) -> EventRow:
         event.error,
         event.weight if weight is None else weight,
         # encoded here, so a payload JSON cannot hold fails its own event, not a whole
-        # batch at the sink; orjson takes 1 µs where json takes 9.5 µs here
+        # batch at the sink (orjson, for its speed)
         orjson.dumps(event.payload).decode() if event.payload else None,
     )
 
@@ -140,7 +137,8 @@ def table_to_ipc(table: pa.Table) -> bytes:
     out = pa.BufferOutputStream()
     with pa.ipc.new_stream(out, table.schema) as writer:
         writer.write_table(table)
-    return out.getvalue().to_pybytes()
+    ipc: bytes = out.getvalue().to_pybytes()
+    return ipc
 
 
 def events_table(events: bytes | pa.Table | Sequence[EventRow]) -> pa.Table:
@@ -179,7 +177,7 @@ def open_db(path: Path, config: AnalyticsConfig) -> AnalyticsDB:
 
 
 def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
+    columns: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [[] for _ in EVENTS_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(col, type=f.type) for col, f in zip(columns, EVENTS_SCHEMA, strict=True)],
         schema=EVENTS_SCHEMA,
@@ -188,7 +186,7 @@ def rows_to_table(rows: Sequence[EventRow]) -> pa.Table:
 
 def aggregates_to_table(batches: Sequence[tuple[str, Sequence[AggregateRow]]]) -> pa.Table:
     flat = [(batch_id, *row) for batch_id, rows in batches for row in rows]
-    columns = list(zip(*flat, strict=True)) if flat else [[] for _ in AGGREGATES_SCHEMA]
+    columns: list[Sequence[Any]] = list(zip(*flat, strict=True)) if flat else [[] for _ in AGGREGATES_SCHEMA]
     return pa.Table.from_arrays(
         [pa.array(col, type=f.type) for col, f in zip(columns, AGGREGATES_SCHEMA, strict=True)],
         schema=AGGREGATES_SCHEMA,
@@ -300,7 +298,7 @@ class AnalyticsSink(Service):
         if aggregates and not batch_id:
             raise ValueError("aggregates need a batch_id so a resend is applied once")
         table = events_table(events)
-        count = table.num_rows
+        count: int = table.num_rows
         if not count and not aggregates:
             return 0
         self._open()
@@ -515,7 +513,7 @@ class AnalyticsClient(ShardedClient):
         self._counts: dict[tuple[str, str, int], int] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
-        self._replayer: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[bool] | None = None
         self._inflight: set[asyncio.Task[bool]] = set()
         self._retry: list[_Batch] = []
         self._spill_file: IO[str] | None = None
@@ -593,7 +591,9 @@ class AnalyticsClient(ShardedClient):
             # converted here, not at the sink: its loop then leaves the interpreter lock to
             # DuckDB's insert (which takes it back for each chunk it scans)
             events = table_to_ipc(rows_to_table(batch.rows)) if batch.rows else []
-            await self._call(self.handles[0], "append_batch", events, batch.aggregates, batch.batch_id)
+            await self._call(
+                self.handles[0], AnalyticsSink.append_batch, events, batch.aggregates, batch.batch_id
+            )
         except Exception as exc:
             self.failed_deliveries += 1
             self._last_failure = self.clock()
@@ -697,10 +697,10 @@ class AnalyticsClient(ShardedClient):
         )
 
     async def query(self, sql: str, max_rows: int | None = None, timeout: float | None = None) -> QueryResult:
-        return await self._call(self.handles[0], "query", sql, max_rows, timeout)  # type: ignore[return-value]
+        return await self._call(self.handles[0], AnalyticsSink.query, sql, max_rows, timeout)
 
     async def export_parquet(self, out_dir: str) -> dict[str, int]:
-        return await self._call(self.handles[0], "export_parquet", out_dir)  # type: ignore[return-value]
+        return await self._call(self.handles[0], AnalyticsSink.export_parquet, out_dir)
 
     async def stats(self) -> list[AnalyticsStats]:
-        return await self._call_all("stats")  # type: ignore[return-value]
+        return await self._call_all(AnalyticsSink.stats)

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import psutil
 from pydantic import BaseModel
@@ -26,6 +26,13 @@ from actors import metrics
 Clock = Callable[[], float]
 #: one call of a batch: positional arguments of the method
 CallArgs = tuple[Any, ...]
+#: a Ray actor handle (its methods are looked up by name, so Ray gives them no static type)
+Handle = Any
+P = ParamSpec("P")
+R = TypeVar("R")
+#: a service method named by the plain class's own function (`ResponseCache.get`), so the
+#: arguments a client sends and the result it gets back are checked against the service
+Method = Callable[Concatenate[Any, P], Awaitable[R]]
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +212,9 @@ class CallBatcher:
                 else:
                     future.set_exception(value)
         finally:
-            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            task = asyncio.current_task()
+            if task is not None:
+                self._in_flight.discard(task)
             if self._queue and len(self._in_flight) < self.max_in_flight:
                 self._launch()
 
@@ -229,60 +238,74 @@ class ShardedClient:
     #: batched round trips in flight per actor and method (see `CallBatcher`)
     default_max_in_flight: int = 2
 
-    def __init__(self, handles: list[object], *, max_in_flight: int | None = None) -> None:
+    def __init__(self, handles: Sequence[Handle], *, max_in_flight: int | None = None) -> None:
         if not handles:
             raise ValueError("a service needs at least one replica")
-        self.handles = handles
+        self.handles: list[Handle] = list(handles)
         self.max_in_flight = max_in_flight or self.default_max_in_flight
         self._batchers: dict[tuple[int, str], CallBatcher] = {}
         self._batch_loop: asyncio.AbstractEventLoop | None = None
 
-    def handle_for(self, key: str) -> object:
+    def handle_for(self, key: str) -> Handle:
         from actors.sharding import pick
 
         return pick(key, self.handles)
 
-    async def _call(self, handle: object, method: str, *args: object, **kwargs: object) -> object:
+    async def _call(self, handle: Handle, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`method` on the replica `handle`, as a Ray call; an idempotent method is retried
+        while the replica restarts.
+
+        Raises:
+            ServiceUnavailable: the replica died mid-call or stayed unreachable.
+        """
         import ray.exceptions
 
         from actors.errors import ServiceUnavailable
 
+        name = method.__name__
         # a batch of calls is as idempotent as the method it repeats
-        retryable = (args[0] if method == "call_many" and args else method) in self.idempotent_methods
+        retryable = (args[0] if name == "call_many" and args else name) in self.idempotent_methods
         deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                return await getattr(handle, method).remote(*args, **kwargs)
+                result: R = await getattr(handle, name).remote(*args, **kwargs)
+                return result
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 now = time.monotonic()
                 deadline = deadline or now + self.retry_seconds
                 if not retryable or now >= deadline:
-                    raise ServiceUnavailable(f"{method} failed: {type(exc).__name__}") from exc
-                log.warning("%s failed (%s); retrying in %.2fs", method, type(exc).__name__, delay)
+                    raise ServiceUnavailable(f"{name} failed: {type(exc).__name__}") from exc
+                log.warning("%s failed (%s); retrying in %.2fs", name, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _batched(self, handle: object, method: str, *args: object) -> Any:
-        """`_call(handle, method, *args)`, sharing a round trip with concurrent calls."""
+    async def _batched(self, handle: Handle, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`_call(handle, method, *args)`, sharing a round trip with concurrent calls
+        (positional arguments only: a batch carries argument tuples)."""
+        if kwargs:
+            raise TypeError("batched calls take positional arguments only")
         loop = asyncio.get_running_loop()
         if loop is not self._batch_loop:
             # futures belong to one loop: a client reused from another loop starts afresh
             self._batchers, self._batch_loop = {}, loop
-        slot = (id(handle), method)
+        name = method.__name__
+        slot = (id(handle), name)
         batcher = self._batchers.get(slot)
         if batcher is None:
 
             async def send(calls: list[CallArgs]) -> list[tuple[bool, Any]]:
-                return await self._call(handle, "call_many", method, calls)  # type: ignore[return-value]
+                return await self._call(handle, Service.call_many, name, calls)
 
             batcher = self._batchers[slot] = CallBatcher(send, max_in_flight=self.max_in_flight)
-        return await batcher.submit(args)
+        result: R = await batcher.submit(args)
+        return result
 
     def batching(self) -> dict[str, int]:
         """Calls made through `_batched` and the round trips that carried them."""
         calls = sum(b.calls for b in self._batchers.values())
         return {"calls": calls, "round_trips": sum(b.batches for b in self._batchers.values())}
 
-    async def _call_all(self, method: str, *args: object, **kwargs: object) -> list[object]:
+    async def _call_all(self, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
+        """`method` on every replica, concurrently; results in replica order."""
         return list(await asyncio.gather(*(self._call(h, method, *args, **kwargs) for h in self.handles)))

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 from pydantic import BaseModel, Field
 
@@ -757,35 +756,35 @@ class ContextClient(ShardedClient):
 
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
-        return await self._batched(self.handle_for(key), "append", scope, user, turns)  # type: ignore[no-any-return]
+        return await self._batched(self.handle_for(key), ContextStore.append, scope, user, turns)
 
     async def build(self, scope: str, user: str, server: str | None = None) -> BuiltContext:
         """The context for (scope, user); with `server`, plus the user's social line there.
         When another shard owns the server's graph, both are asked at once (one round trip)."""
         owner = self.handle_for(conversation_key(scope, user))
         if server is None:
-            return await self._batched(owner, "build", scope, user)  # type: ignore[return-value]
+            return await self._batched(owner, ContextStore.build, scope, user)
         graph_owner = self.handle_for(graph_key(server))
         if graph_owner is owner:
-            return await self._batched(owner, "build", scope, user, server)  # type: ignore[return-value]
+            return await self._batched(owner, ContextStore.build, scope, user, server)
         built, social = await asyncio.gather(
-            self._batched(owner, "build", scope, user), self._batched(graph_owner, "social", server, user)
+            self._batched(owner, ContextStore.build, scope, user),
+            self._batched(graph_owner, ContextStore.social, server, user),
         )
-        built, social = cast(BuiltContext, built), cast(str, social)
         return assemble(built.turns, built.version, social) if social else built
 
     async def record_interaction(
         self, server: str, user: str, mentions: list[str], reply_to: str | None = None
     ) -> int:
         owner = self.handle_for(graph_key(server))
-        return await self._batched(owner, "record_interaction", server, user, mentions, reply_to)  # type: ignore[return-value]
+        return await self._batched(owner, ContextStore.record_interaction, server, user, mentions, reply_to)
 
     async def reset(self, scope: str, user: str) -> bool:
         key = conversation_key(scope, user)
-        return await self._call(self.handle_for(key), "reset", scope, user)  # type: ignore[return-value]
+        return await self._call(self.handle_for(key), ContextStore.reset, scope, user)
 
     async def forget(self, user: str) -> int:
-        return sum(await self._call_all("forget", user))  # type: ignore[arg-type]
+        return sum(await self._call_all(ContextStore.forget, user))
 
     async def stats(self) -> list[ContextStats]:
-        return await self._call_all("stats")  # type: ignore[return-value]
+        return await self._call_all(ContextStore.stats)

@@ -508,16 +508,16 @@ class RateLimitClient(ShardedClient):
         mine = self.handle_for(user)
         theirs = mine if server is None else self.handle_for(server_key(server))
         if theirs is mine:
-            return await self._batched(mine, "check", user, kind, server)  # type: ignore[no-any-return]
+            return await self._batched(mine, RateLimiter.check, user, kind, server)
         (for_user, user_at), (for_server, server_at) = await asyncio.gather(
-            self._batched(mine, "check_part", user, kind, None),
-            self._batched(theirs, "check_part", None, kind, server),
-        )  # type: ignore[misc]
+            self._batched(mine, RateLimiter.check_part, user, kind, None),
+            self._batched(theirs, RateLimiter.check_part, None, kind, server),
+        )
         if for_user.allowed != for_server.allowed:
             if for_user.allowed:
-                await self._call(mine, "refund", user, kind, None, user_at)
+                await self._call(mine, RateLimiter.refund, user, kind, None, user_at)
             else:
-                await self._call(theirs, "refund", None, kind, server, server_at)
+                await self._call(theirs, RateLimiter.refund, None, kind, server, server_at)
         return _merge(for_user, for_server)
 
     async def usage(self, user: str, server: str | None = None) -> list[WindowUsage]:
@@ -525,18 +525,19 @@ class RateLimitClient(ShardedClient):
         mine = self.handle_for(user)
         theirs = mine if server is None else self.handle_for(server_key(server))
         if theirs is mine:
-            return await self._call(mine, "usage", user, server)  # type: ignore[return-value]
+            return await self._call(mine, RateLimiter.usage, user, server)
         parts = await asyncio.gather(
-            self._call(mine, "usage", user, None), self._call(theirs, "usage", None, server)
+            self._call(mine, RateLimiter.usage, user, None),
+            self._call(theirs, RateLimiter.usage, None, server),
         )
-        return [u for part in parts for u in part]  # type: ignore[attr-defined]
+        return [u for part in parts for u in part]
 
     async def reset(self, user: str) -> int:
-        return await self._call(self.handle_for(user), "reset", user)  # type: ignore[return-value]
+        return await self._call(self.handle_for(user), RateLimiter.reset, user)
 
     async def reconfigure(self, config: RateLimitConfig) -> RateLimitConfig:
         """Apply new limits on every shard without losing counts."""
-        return (await self._call_all("reconfigure", config))[0]  # type: ignore[return-value]
+        return (await self._call_all(RateLimiter.reconfigure, config))[0]
 
     async def stats(self) -> list[RateLimitStats]:
-        return await self._call_all("stats")  # type: ignore[return-value]
+        return await self._call_all(RateLimiter.stats)
