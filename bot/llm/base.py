@@ -4,7 +4,7 @@ object that carries a streamed reply's final result, and the image checks every 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -70,7 +70,7 @@ class Backend(Protocol):
 
     def call(
         self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
-    ) -> AsyncIterator[Chunk]: ...
+    ) -> AsyncGenerator[Chunk, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -131,7 +131,7 @@ class LLMStream:
             await aclose()
 
 
-def result_stream(items: AsyncIterator[str | LLMResult]) -> LLMStream:
+def result_stream(items: AsyncGenerator[str | LLMResult, None]) -> LLMStream:
     """An `LLMStream` over what a gateway yields: text chunks, then the `LLMResult`."""
 
     async def chunks() -> AsyncIterator[str]:

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -304,7 +304,7 @@ class LLMGateway(Service):
         finally:
             self._leave(request.key, flight)
 
-    async def stream(self, request: LLMRequest) -> AsyncIterator[str | LLMResult]:
+    async def stream(self, request: LLMRequest) -> AsyncGenerator[str | LLMResult, None]:
         """The reply as text pieces, in order, then its `LLMResult` as the last item.
 
         Pieces leave at most every `llm.stream_interval_seconds` (the first at once) or
@@ -779,7 +779,11 @@ class LLMGateway(Service):
                 if limit:
                     self._m_quota.set(n / limit, tags={**tags, "model": model, "window": window})
 
-    def stats(self) -> GatewayStats:
+    async def stats(self) -> GatewayStats:
+        return self.snapshot()
+
+    def snapshot(self) -> GatewayStats:
+        """`stats()` without waiting: for a gateway in the caller's own process."""
         now = self.clock()
         return GatewayStats(
             shard=self.shard,
@@ -864,7 +868,7 @@ class GatewayClient(ShardedClient):
 
         self.calls += 1
         try:
-            return await self._call(self._handle(request), "generate", request)  # type: ignore[return-value]
+            return await self._call(self._handle(request), LLMGateway.generate, request)
         except ray.exceptions.RayTaskError as exc:
             raise _unwrap(exc) from None
 
@@ -872,7 +876,7 @@ class GatewayClient(ShardedClient):
         self.calls += 1
         return result_stream(self._items(request))
 
-    async def _items(self, request: LLMRequest) -> AsyncIterator[str | LLMResult]:
+    async def _items(self, request: LLMRequest) -> AsyncGenerator[str | LLMResult, None]:
         import ray
         import ray.exceptions
 
@@ -898,7 +902,7 @@ class GatewayClient(ShardedClient):
                     ray.cancel(generator)
 
     async def stats(self) -> list[GatewayStats]:
-        return await self._call_all("stats")  # type: ignore[return-value]
+        return await self._call_all(LLMGateway.stats)
 
     async def aclose(self) -> None:
         """Nothing to close here: the gateway actors outlive a front-end."""
@@ -920,7 +924,7 @@ class GeminiLLM:
         return result_stream(self.gateway.stream(request))
 
     def stats(self) -> GatewayStats:
-        return self.gateway.stats()
+        return self.gateway.snapshot()
 
     async def start(self) -> None:
         """Nothing to start: the SDK's client is made on the first call."""

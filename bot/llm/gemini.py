@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from google import genai
@@ -105,13 +105,14 @@ class GeminiBackend:
         if base_url:
             http_options.base_url = base_url
         self._client = genai.Client(api_key=api_key, vertexai=False, http_options=http_options)
-        self._generation = {"temperature": temperature, "max_output_tokens": max_output_tokens}
+        self._temperature = temperature
+        self._max_output_tokens = max_output_tokens
         self._google_search = google_search
         self._thinking_budget = thinking_budget
 
     async def call(
         self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """The reply's responses in order (one when not streamed).
 
         Raises:
@@ -155,8 +156,8 @@ class GeminiBackend:
         parts.extend({"inline_data": {"data": image.data, "mime_type": image.mime_type}} for image in images)
         contents.append({"role": "user", "parts": parts})
         config: types.GenerateContentConfigDict = {
-            "temperature": self._generation["temperature"],
-            "max_output_tokens": self._generation["max_output_tokens"],
+            "temperature": self._temperature,
+            "max_output_tokens": self._max_output_tokens,
         }
         if request.system_prompt:
             config["system_instruction"] = request.system_prompt
@@ -182,6 +183,10 @@ def retry_delay(exc: errors.APIError) -> float | None:
             if match:
                 return float(match.group(1))
     return None
+
+
+if TYPE_CHECKING:
+    from bot.llm.gateway import GeminiLLM as GeminiLLM
 
 
 def __getattr__(name: str) -> Any:

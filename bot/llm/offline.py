@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from bot.llm.base import Chunk, ImagePart, LLMRequest, LLMResult, LLMStream
 
@@ -83,7 +83,7 @@ class OfflineBackend:
 
     async def call(
         self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         result = await self.responder.generate(request)
         words = result.text.split(" ")
         step = 8 if streamed else len(words)

@@ -192,20 +192,24 @@ class FairQueue(Generic[T]):
     def remove(self, server: str, user: str, item: T) -> bool:
         """Take `item` out (its caller gave up); False if it was not queued."""
         users = self._servers.get(server)
-        items = users.get(user) if users is not None else None
+        if users is None:
+            return False
+        items = users.get(user)
         if items is None or item not in items:
             return False
         items.remove(item)
         self._size -= 1
         if not items:
-            del users[user]  # type: ignore[index]  # users is not None when items is not
+            del users[user]
             if not users:
                 del self._servers[server]
         return True
 
     def ahead(self, server: str, user: str) -> int:
         """How many queued items round-robin serves before a new one from `user`."""
-        own = len(self._servers.get(server, {}).get(user, ()))
+        users = self._servers.get(server)
+        mine = users.get(user) if users is not None else None
+        own = len(mine) if mine is not None else 0
         others = sum(
             min(len(items), own + 1)
             for s, users in self._servers.items()
