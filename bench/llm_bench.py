@@ -1,12 +1,17 @@
-"""Benchmark of the Gemini backend against the fake Gemini server (run as `raycord fake-gemini`
+"""Benchmark of the LLM gateway against the fake Gemini server (run as `raycord fake-gemini`
 in its own process), through the real google-genai SDK: throughput against the concurrency
 bound, coalescing of identical prompts, event-loop lag while streams run, and the baselines
-(sequential awaits, a naive client per call without coalescing).
+(sequential awaits, a naive client per call without coalescing); then the gateway's own
+figures: three front-end processes sharing one gateway against each spending the quota on
+its own (429s and retries, the fake server enforcing the quota), light users' waits while one
+user floods (fair turns against first-in-first-out), and a streamed reply through the
+gateway actor against the SDK called in the front-end's own process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -19,14 +24,17 @@ from typing import Any
 
 import aiohttp
 import psutil
+import ray
 from google import genai
 from google.genai import types
 
 from bench import floors
 from bench.common import size_cli, summarize_ms, write_results
-from bot.config import LLMSettings, Settings
+from bot.config import LLMSettings, QuotaSettings, Settings
 from bot.llm import LLMRequest
-from bot.llm.gemini import GeminiLLM
+from bot.llm.base import GatewayBusy
+from bot.llm.gateway import GatewayClient, GatewayConfig, GeminiLLM, LLMGateway
+from bot.runtime import init_ray
 
 MODEL = "gemini-2.5-flash"
 
@@ -40,6 +48,12 @@ SIZES: dict[str, dict[str, Any]] = {
         "streams": 40,
         "sequential": 4,
         "naive": 3,
+        "frontends": 3,
+        "users_per_frontend": 4,
+        "quota_per_minute": 6,
+        "flood": 20,
+        "light_users": 4,
+        "stream_replies": 4,
     },
     "full": {
         "latency": 0.3,
@@ -49,6 +63,12 @@ SIZES: dict[str, dict[str, Any]] = {
         "streams": 200,
         "sequential": 10,
         "naive": 20,
+        "frontends": 3,
+        "users_per_frontend": 100,
+        "quota_per_minute": 60,
+        "flood": 200,
+        "light_users": 20,
+        "stream_replies": 50,
     },
 }
 
@@ -101,8 +121,6 @@ async def backend(url: str, max_concurrency: int) -> AsyncIterator[GeminiLLM]:
         )
     )
     try:
-        # the SDK process starts before any timing: a bot starts it with the runtime
-        await llm.start()
         yield llm
     finally:
         await llm.aclose()
@@ -120,28 +138,20 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-async def timed(
-    server: FakeServerProcess, run: Callable[[], Awaitable[Any]], llm: GeminiLLM | None = None
-) -> dict[str, float]:
-    """Wall time, upstream calls, and CPU time of `run`: this process's, plus that of
-    `llm`'s SDK processes (where the SDK's work happens)."""
+async def timed(server: FakeServerProcess, run: Callable[[], Awaitable[Any]]) -> dict[str, float]:
+    """Wall time, upstream calls, and CPU time of `run` in this process (where the
+    in-process gateway runs the SDK)."""
     await server.admin("reset", {})
-    pids = llm.sdk_pids() if llm is not None else []
     server_pids = [server.proc.pid] if server.proc is not None else []
-    sdk_cpu, server_cpu = _cpu_seconds(pids), _cpu_seconds(server_pids)
+    server_cpu = _cpu_seconds(server_pids)
     wall, cpu = time.perf_counter(), time.process_time()
     await run()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    sdk_cpu = _cpu_seconds(pids) - sdk_cpu
     server_cpu = _cpu_seconds(server_pids) - server_cpu
-    if llm is not None and llm.sdk_pids() != pids:
-        raise RuntimeError("an SDK process restarted during the run: its CPU time is unknown")
     stats = await server.admin("stats")
     return {
         "seconds": wall,
-        "cpu_seconds": cpu + sdk_cpu,
-        "caller_cpu_seconds": cpu,
-        "sdk_process_cpu_seconds": sdk_cpu,
+        "cpu_seconds": cpu,
         # not ours, but on the same 2 cores: what the fake server's own work takes from them
         "fake_server_cpu_seconds": server_cpu,
         "upstream_calls": stats["calls"],
@@ -157,7 +167,7 @@ async def throughput(server: FakeServerProcess, bound: int, calls: int, latency:
         async def run() -> None:
             await asyncio.gather(*(llm.generate(request(f"distinct {i}")) for i in range(calls)))
 
-        out = await timed(server, run, llm)
+        out = await timed(server, run)
         out["peak_in_flight"] = llm.stats().peak_in_flight
     out["calls"] = calls
     out["calls_per_s"] = calls / out["seconds"]
@@ -181,8 +191,8 @@ async def sequential(server: FakeServerProcess, calls: int) -> dict[str, Any]:
                 await llm.generate(request(f"one at a time {i}"))
                 first = first or time.perf_counter() - start
 
-        out = await timed(server, run, llm)
-    # a fresh SDK process's first call: the server's latency plus what is built on first use
+        out = await timed(server, run)
+    # a fresh gateway's first call: the server's latency plus what the SDK builds on first use
     out["first_call_ms"] = first * 1000
     out["calls"] = calls
     out["calls_per_s"] = calls / out["seconds"]
@@ -248,7 +258,7 @@ async def coalescing(server: FakeServerProcess, count: int) -> dict[str, Any]:
             same = request("the same question", key="same")
             await asyncio.gather(*(llm.generate(same) for _ in range(count)))
 
-        out = await timed(server, run, llm)
+        out = await timed(server, run)
     out["callers"] = count
     return out
 
@@ -282,7 +292,7 @@ async def loop_lag(server: FakeServerProcess, streams: int) -> dict[str, Any]:
             if min(counts) < 1:
                 raise RuntimeError("a stream yielded nothing")
 
-        out = await timed(server, run, llm)
+        out = await timed(server, run)
         out["peak_in_flight"] = llm.stats().peak_in_flight
     out["streams"] = streams
     out["lag"] = summarize_ms(lags)
@@ -297,6 +307,186 @@ async def idle_lag(seconds: float) -> dict[str, float]:
         await asyncio.sleep(0.001)
         lags.append(max(0.0, time.perf_counter() - start - 0.001))
     return summarize_ms(lags)
+
+
+# --- the gateway against today's per-front-end design -------------------------------------
+
+
+class FrontEnd:
+    """One front-end process (a Ray actor): its users ask one question each, at once,
+    through the shared gateway or through a Gemini client of its own (today's design)."""
+
+    async def ask(self, url: str, users: list[str], gateway: list[Any] | None) -> dict[str, Any]:
+        own: GeminiLLM | None = None
+        if gateway is not None:
+            llm: Any = GatewayClient(gateway, name=MODEL)
+        else:
+            # today's design: this process's own client, bound and retries (honouring
+            # RetryInfo), with a quota it does not share with the other front-ends
+            own = llm = GeminiLLM(
+                Settings(
+                    gemini_api_key=None,
+                    discord_token=None,
+                    llm=LLMSettings(
+                        base_url=url,
+                        model=MODEL,
+                        max_attempts=3,
+                        timeout_seconds=5.0,
+                        backoff_max_seconds=1.0,
+                    ),
+                )
+            )
+
+        async def one(user: str) -> str:
+            try:
+                await llm.generate(LLMRequest(prompt=f"hello from {user}", model=MODEL, user=user))
+            except GatewayBusy:
+                return "busy"
+            except Exception:
+                return "failed"
+            return "answered"
+
+        try:
+            outcomes = await asyncio.gather(*(one(u) for u in users))
+            retries = own.stats().retries if own is not None else 0
+        finally:
+            if own is not None:
+                await own.aclose()
+        return {"outcomes": list(outcomes), "retries": retries}
+
+
+def _ray_up() -> bool:
+    """Ray for the actors below: the one this process is attached to, or a local one
+    started here (returns True when it was)."""
+    if ray.is_initialized():
+        return False
+    return init_ray(Settings(dashboard=False, discord_token=None, gemini_api_key=None), num_cpus=2)
+
+
+async def shared_quota(server: FakeServerProcess, frontends: int, users: int, quota: int) -> dict[str, Any]:
+    """`frontends` front-end processes x `users` users each, the fake server enforcing
+    `quota` requests a minute on the key: one gateway knowing the quota, against each
+    front-end calling Gemini on its own."""
+    front_ends = [ray.remote(num_cpus=0)(FrontEnd).remote() for _ in range(frontends)]
+    names = [[f"fe{f}-user{u}" for u in range(users)] for f in range(frontends)]
+    out: dict[str, Any] = {"frontends": frontends, "users": frontends * users, "quota_per_minute": quota}
+    try:
+        for design in ("gateway", "per_frontend"):
+            await server.admin("reset", {})
+            await server.admin("config", {"quota_requests_per_minute": quota})
+            gateway = None
+            if design == "gateway":
+                config = GatewayConfig(
+                    llm=LLMSettings(
+                        base_url=server.url,
+                        model=MODEL,
+                        quota=QuotaSettings(requests_per_minute=quota),
+                        max_queue_seconds=5.0,
+                    ),
+                    backend="gemini",
+                )
+                gateway = [ray.remote(LLMGateway).options(num_cpus=0, max_concurrency=1000).remote(config)]
+            started = time.perf_counter()
+            answers = await asyncio.gather(
+                *(fe.ask.remote(server.url, who, gateway) for fe, who in zip(front_ends, names, strict=True))
+            )
+            seconds = time.perf_counter() - started
+            stats = await server.admin("stats")
+            outcomes = [o for a in answers for o in a["outcomes"]]
+            out[design] = {
+                "seconds": seconds,
+                "answered": outcomes.count("answered"),
+                "busy": outcomes.count("busy"),
+                "failed": outcomes.count("failed"),
+                "upstream_calls": stats["calls"],
+                "upstream_429s": stats["quota_rejections"],
+                "retries": sum(a["retries"] for a in answers),
+            }
+            if gateway is not None:
+                ray.kill(gateway[0])
+    finally:
+        await server.admin("config", {"quota_requests_per_minute": 0})
+        for fe in front_ends:
+            ray.kill(fe)
+    return out
+
+
+async def fairness(server: FakeServerProcess, flood: int, light_users: int) -> dict[str, Any]:
+    """Light users' waits while one user's `flood` requests queue: the gateway's turns by
+    user, against first-in-first-out (the same gateway, every request from one user)."""
+    out: dict[str, Any] = {"flood": flood, "light_users": light_users}
+    for design in ("gateway", "fifo"):
+        light: list[float] = []
+        async with backend(server.url, 2) as llm:
+            run = functools.partial(_flood_then_light, llm, flood, light_users, design, light)
+            out[design] = await timed(server, run)
+        out[design]["light_wait"] = summarize_ms(light)
+    out["light_p95_ratio_fifo_to_gateway"] = (
+        out["fifo"]["light_wait"]["p95_ms"] / out["gateway"]["light_wait"]["p95_ms"]
+    )
+    return out
+
+
+async def _flood_then_light(
+    llm: GeminiLLM, flood: int, light_users: int, design: str, waits: list[float]
+) -> None:
+    """One user's `flood` requests, then one from each light user (as the flood's user
+    under "fifo"); the light requests' waits go into `waits`."""
+
+    async def one(prompt: str, user: str) -> float:
+        started = time.perf_counter()
+        await llm.generate(LLMRequest(prompt=prompt, model=MODEL, user=user))
+        return time.perf_counter() - started
+
+    flooding = [asyncio.create_task(one(f"flood {i}", "flood")) for i in range(flood)]
+    await asyncio.sleep(0)  # the flood is queued first
+    users = [f"light-{i}" if design == "gateway" else "flood" for i in range(light_users)]
+    waits.extend(await asyncio.gather(*(one(f"light {i}", u) for i, u in enumerate(users))))
+    await asyncio.gather(*flooding)
+
+
+async def stream_overhead(server: FakeServerProcess, replies: int) -> dict[str, Any]:
+    """A streamed reply through the gateway actor (pieces coalesced on their way through
+    Ray) against the SDK streaming in this process, one reply at a time."""
+    config = GatewayConfig(llm=LLMSettings(base_url=server.url, model=MODEL), backend="gemini")
+    gateway = ray.remote(LLMGateway).options(num_cpus=0, max_concurrency=1000).remote(config)
+    client = GatewayClient([gateway], name=MODEL)
+    bare = bare_client(server.url)
+    out: dict[str, Any] = {"replies": replies}
+    try:
+        # one untimed reply each: the actor's first call builds the SDK's models
+        await _gateway_reply(client, "warm-up")
+        async for _ in await bare.aio.models.generate_content_stream(model=MODEL, contents="warm-up"):
+            pass
+        times, trips = [], []
+        for i in range(replies):
+            started = time.perf_counter()
+            trips.append(await _gateway_reply(client, f"through the gateway {i}"))
+            times.append(time.perf_counter() - started)
+        out["gateway"] = {"reply": summarize_ms(times), "round_trips_per_reply": sum(trips) / replies}
+        times = []
+        for i in range(replies):
+            started = time.perf_counter()
+            async for _ in await bare.aio.models.generate_content_stream(
+                model=MODEL, contents=f"in-process {i}"
+            ):
+                pass
+            times.append(time.perf_counter() - started)
+        out["sdk_in_process"] = {"reply": summarize_ms(times)}
+        out["overhead_p50_ms"] = out["gateway"]["reply"]["p50_ms"] - out["sdk_in_process"]["reply"]["p50_ms"]
+    finally:
+        await bare.aio.aclose()
+        bare.close()
+        ray.kill(gateway)
+    return out
+
+
+async def _gateway_reply(client: GatewayClient, prompt: str) -> int:
+    """Stream one reply through the gateway; returns its Ray round trips (pieces and result)."""
+    pieces = 0
+    async for _ in client.stream(LLMRequest(prompt=prompt, model=MODEL, user="bench")):
+        pieces += 1
+    return pieces + 1
 
 
 async def _run(size: str) -> dict[str, Any]:
@@ -317,6 +507,14 @@ async def _run(size: str) -> dict[str, Any]:
         naive_same = await naive(server, ["the same question"] * p["naive"])
         lag = await loop_lag(server, p["streams"])
         idle = await idle_lag(1.0)
+        fair = await fairness(server, p["flood"], p["light_users"])
+        started_ray = _ray_up()
+        try:
+            quota = await shared_quota(server, p["frontends"], p["users_per_frontend"], p["quota_per_minute"])
+            streamed = await stream_overhead(server, p["stream_replies"])
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
         await asyncio.to_thread(server.stop)
     ours = bounded[str(biggest)]
@@ -349,6 +547,9 @@ async def _run(size: str) -> dict[str, Any]:
         },
         "streaming_loop_lag": lag,
         "idle_loop_lag": idle,
+        "shared_quota": quota,
+        "fairness": fair,
+        "stream_overhead": streamed,
     }
 
 

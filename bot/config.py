@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,16 +27,142 @@ from actors.ratelimit import RateLimitConfig
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
 
 
+class ModelQuota(BaseModel):
+    """One model's quota with the API key; None is no limit on that dimension."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    requests_per_day: int | None = None
+
+    @field_validator("requests_per_minute", "tokens_per_minute", "requests_per_day")
+    @classmethod
+    def _positive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(
+                f"{info.field_name} must be a positive number (got {value}); "
+                "leave it out for no limit, since a quota of zero would refuse every request"
+            )
+        return value
+
+
+#: Gemini API quotas per model (requests/min, tokens/min, requests/day), as Google
+#: publishes them for the free tier and paid tier 1; "default" covers unlisted models
+QUOTA_PRESETS: dict[str, dict[str, ModelQuota]] = {
+    "free": {
+        "gemini-2.5-pro": ModelQuota(requests_per_minute=5, tokens_per_minute=250_000, requests_per_day=100),
+        "gemini-2.5-flash": ModelQuota(
+            requests_per_minute=10, tokens_per_minute=250_000, requests_per_day=250
+        ),
+        "gemini-2.5-flash-lite": ModelQuota(
+            requests_per_minute=15, tokens_per_minute=250_000, requests_per_day=1_000
+        ),
+        "gemini-2.0-flash": ModelQuota(
+            requests_per_minute=15, tokens_per_minute=1_000_000, requests_per_day=200
+        ),
+        "default": ModelQuota(requests_per_minute=10, tokens_per_minute=250_000, requests_per_day=250),
+    },
+    "tier1": {
+        "gemini-2.5-pro": ModelQuota(
+            requests_per_minute=150, tokens_per_minute=2_000_000, requests_per_day=10_000
+        ),
+        "gemini-2.5-flash": ModelQuota(
+            requests_per_minute=1_000, tokens_per_minute=1_000_000, requests_per_day=10_000
+        ),
+        "gemini-2.5-flash-lite": ModelQuota(requests_per_minute=4_000, tokens_per_minute=4_000_000),
+        "gemini-2.0-flash": ModelQuota(requests_per_minute=2_000, tokens_per_minute=4_000_000),
+        "default": ModelQuota(
+            requests_per_minute=1_000, tokens_per_minute=1_000_000, requests_per_day=10_000
+        ),
+    },
+}
+
+
+class ModelPrice(BaseModel):
+    """US dollars per million tokens of one model, by kind."""
+
+    input: float = Field(ge=0)
+    #: prompt tokens served from Gemini's (implicit or explicit) cache
+    cached_input: float = Field(ge=0)
+    #: reply tokens, thinking included
+    output: float = Field(ge=0)
+
+
+#: Gemini API list prices (paid tier, prompts up to 200k tokens), per million tokens
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gemini-2.5-pro": ModelPrice(input=1.25, cached_input=0.31, output=10.0),
+    "gemini-2.5-flash": ModelPrice(input=0.30, cached_input=0.075, output=2.50),
+    "gemini-2.5-flash-lite": ModelPrice(input=0.10, cached_input=0.025, output=0.40),
+    "gemini-2.0-flash": ModelPrice(input=0.10, cached_input=0.025, output=0.40),
+}
+
+
+class QuotaSettings(ModelQuota):
+    """`llm.quota`: a preset, with the three numbers (env
+    `RAYCORD_LLM__QUOTA__REQUESTS_PER_MINUTE` etc.) and `models` overriding it.
+
+    The numbers given here apply to every model; `models` sets one model's. "auto" is
+    the free tier against Google's API and no preset against a configured `base_url`
+    (a fake server or a proxy, whose limits Google's presets do not describe).
+    """
+
+    preset: Literal["auto", "free", "tier1", "none"] = "auto"
+    models: dict[str, ModelQuota] = Field(default_factory=dict)
+
+    def for_model(self, model: str, *, google_api: bool) -> ModelQuota:
+        """The quota that holds for `model`."""
+        preset = self.preset
+        if preset == "auto":
+            preset = "free" if google_api else "none"
+        table = QUOTA_PRESETS.get(preset, {})
+        base = table.get(model, table.get("default", ModelQuota()))
+        own = self.models.get(model, ModelQuota())
+
+        def pick(name: str) -> int | None:
+            for source in (own, self, base):
+                value = getattr(source, name)
+                if value is not None:
+                    return value  # type: ignore[no-any-return]
+            return None
+
+        return ModelQuota(
+            requests_per_minute=pick("requests_per_minute"),
+            tokens_per_minute=pick("tokens_per_minute"),
+            requests_per_day=pick("requests_per_day"),
+        )
+
+
 class LLMSettings(BaseModel):
     #: "auto" uses Gemini when an API key is set and the offline responder otherwise
     backend: Literal["auto", "gemini", "offline"] = "auto"
     model: str = "gemini-2.5-flash"
+    #: tried in order when the model answers 429 (quota) or 503 (overloaded)
+    fallback_models: list[str] = Field(default_factory=list)
     base_url: str | None = None
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_output_tokens: int = Field(default=1024, ge=1)
+    #: upstream calls in flight at once, per gateway replica
     max_concurrency: int = Field(default=16, ge=1)
-    #: child processes running the SDK (each with one client); its CPU stays off the bot's loop
-    sdk_processes: int = Field(default=1, ge=1, le=16)
+    quota: QuotaSettings = QuotaSettings()
+    #: gateway actors; they split the quota between them
+    replicas: int = Field(default=1, ge=1, le=16)
+    #: a request the quota would keep waiting longer than this is answered "busy" at once
+    max_queue_seconds: float = Field(default=30.0, gt=0)
+    #: requests waiting in one gateway at most; more are answered "busy"
+    max_queued: int = Field(default=1_000, ge=1)
+    #: a streamed reply travels from the gateway in pieces at most this often...
+    stream_interval_seconds: float = Field(default=0.1, ge=0)
+    #: ...or as soon as this many characters are waiting
+    stream_chunk_chars: int = Field(default=400, ge=1)
+    #: estimated cost per model (a model not listed is counted at no cost)
+    prices: dict[str, ModelPrice] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    #: ground replies in Google Search; the pages they drew on are listed under the reply
+    google_search: bool = False
+    #: tokens the model may think with (0 turns thinking off, -1 lets the model decide);
+    #: unset leaves the model's default. Thoughts are never shown to users.
+    thinking_budget: int | None = Field(default=None, ge=-1)
+    #: the history sent is trimmed, oldest turns first, to fit this many prompt tokens
+    #: (estimated, and calibrated per conversation from what the API counted last time)
+    max_prompt_tokens: int = Field(default=32_000, ge=1)
     #: total deadline of one request: queueing, every attempt and the waits between them
     timeout_seconds: float = Field(default=60.0, gt=0)
     api_version: str = "v1beta"

@@ -296,6 +296,9 @@ class ChatPipeline:
             history=built.turns,
             images=_images(msg),
             key=key,
+            user=msg.user_id,
+            server=msg.server_id,
+            conversation="" if msg.stateless else f"{msg.scope}\x1f{msg.user_id}",
         )
         llm_started = self.clock()
         result = await self._generate(request, on_chunk)

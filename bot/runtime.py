@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from actors.context import ContextClient, ContextStore
 from actors.ratelimit import RateLimitClient, RateLimiter
 from bot.attach import NoBotFound, answers, forget_bot, record_bot
 from bot.config import Settings
-from bot.llm import LLM, OfflineResponder
+from bot.llm import LLM
+from bot.llm.gateway import GatewayClient, GatewayConfig, LLMGateway, default_model
 from bot.pipeline import ChatPipeline
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class ServiceSpec:
     config_attr: str
     #: DuckDB allows one writing process, so the analytics sink is never sharded
     shardable: bool = True
+    #: builds the service's config from the settings, when it needs more than one section
+    config_of: Callable[[Settings], Any] | None = None
 
 
 SERVICES: tuple[ServiceSpec, ...] = (
@@ -47,6 +51,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("context", ContextStore, ContextClient, "context"),
     ServiceSpec("ratelimit", RateLimiter, RateLimitClient, "ratelimit"),
     ServiceSpec("analytics", AnalyticsSink, AnalyticsClient, "analytics", shardable=False),
+    # the gateway's replicas (`llm.replicas`) split the quota between them
+    ServiceSpec("llm", LLMGateway, GatewayClient, "llm", config_of=GatewayConfig.from_settings),
 )
 
 
@@ -150,7 +156,7 @@ def cluster_mode(settings: Settings) -> bool:
 
 def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     """Get or create the replicas of one service, by name, in the configured namespace."""
-    config = getattr(settings, spec.config_attr)
+    config = spec.config_of(settings) if spec.config_of else getattr(settings, spec.config_attr)
     shards = getattr(config, "shards", 1) if spec.shardable else 1
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -179,20 +185,21 @@ class ConfigurationError(Exception):
     """The settings cannot work as given (a backend without its key); the message says why."""
 
 
-def make_llm(settings: Settings) -> LLM:
-    """The configured backend.
+def check_llm(settings: Settings) -> None:
+    """Refuse, before any actor starts, an LLM configuration the gateway could not use.
 
     Raises:
         ConfigurationError: the Gemini backend has neither an API key nor a base URL.
     """
-    if settings.llm_backend() == "offline":
-        return OfflineResponder()
-    from bot.llm.gemini import GeminiLLM
-
     try:
-        return GeminiLLM(settings)
+        GatewayConfig.from_settings(settings)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from exc
+
+
+def make_llm(settings: Settings, handles: list[Any]) -> GatewayClient:
+    """The pipeline's LLM: a client of the gateway replicas, offline or Gemini alike."""
+    return GatewayClient(handles, name=default_model(settings.llm_backend(), settings.llm))
 
 
 class Runtime:
@@ -211,17 +218,21 @@ class Runtime:
         started = start_ray(self.settings, **ray_kwargs)
         self.owns_ray, self.dashboard_url = started.owns, started.dashboard_url
         try:
-            # after Ray is up (the backend's metrics need it), before any actor starts
-            llm = self._llm or make_llm(self.settings)
+            if self._llm is None:
+                check_llm(self.settings)
         except ConfigurationError:
             if self.owns_ray:
                 ray.shutdown()
                 self.owns_ray = False
             raise
         for spec in SERVICES:
+            if spec.client is GatewayClient and self._llm is not None:
+                continue  # the caller brought its own LLM
             handles = service_handles(self.settings, spec)
             self.handles[spec.name] = handles
-            if spec.client is AnalyticsClient:
+            if spec.client is GatewayClient:
+                self.clients[spec.name] = make_llm(self.settings, handles)
+            elif spec.client is AnalyticsClient:
                 self.clients[spec.name] = AnalyticsClient(
                     handles, self.settings.analytics, state_dir=self.settings.state_dir.resolve()
                 )
@@ -229,13 +240,7 @@ class Runtime:
                 self.clients[spec.name] = spec.client(handles)
         # every replica answers before the front-end takes traffic
         await asyncio.gather(*(h.ping.remote() for hs in self.handles.values() for h in hs))
-        warm = getattr(llm, "start", None)
-        if warm is not None:
-            # the Gemini backend's SDK process: started now, not on the first message
-            try:
-                await warm()
-            except Exception:
-                log.exception("the LLM backend did not start; its first call will retry")
+        llm: LLM = self._llm or self.clients["llm"]  # type: ignore[assignment]
         self.pipeline = ChatPipeline(
             self.settings,
             cache=self.clients["cache"],  # type: ignore[arg-type]

@@ -1,15 +1,10 @@
-"""The Gemini backend driven through the real google-genai SDK against the fake Gemini server."""
+"""The LLM gateway (in this process) with its Gemini backend, driven through the real
+google-genai SDK against the fake Gemini server: retries, breaker, coalescing, replies."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,9 +14,10 @@ from aiohttp import web
 
 from actors.errors import InputRejected, UpstreamUnavailable
 from bot.config import LLMSettings, Settings
-from bot.llm import ImagePart, LLMRequest, sdk_process
+from bot.llm import ImagePart, LLMRequest
+from bot.llm.base import UpstreamCoolingDown
 from bot.llm.fake_server import FakeGemini, FakeGeminiConfig
-from bot.llm.gemini import GeminiLLM, UpstreamCoolingDown
+from bot.llm.gateway import GeminiLLM
 from tests.conftest import FakeClock
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
@@ -46,6 +42,9 @@ async def make_llm(server: FakeGemini) -> AsyncIterator[MakeLLM]:
             "base_url": server.base_url,
             "backoff_base_seconds": 0.01,
             "backoff_max_seconds": 0.05,
+            # every chunk passed on as it comes: these tests count the server's chunks
+            "stream_interval_seconds": 0,
+            "stream_chunk_chars": 1,
         }
         fields.update(llm)
         settings = Settings(gemini_api_key=None, discord_token=None, llm=LLMSettings(**fields))
@@ -70,7 +69,8 @@ async def test_a_reply_comes_back_with_its_token_usage(server: FakeGemini, make_
     result = await llm.generate(ask("hello there"))
     assert "you said: hello there" in result.text
     assert result.finish_reason == "STOP"
-    assert (result.tokens_in, result.tokens_out) == (2, 24)
+    # the system prompt ("be brief") counts as prompt tokens, as Gemini counts it
+    assert (result.tokens_in, result.tokens_out) == (4, 24)
     assert server.arrivals[0].model == "gemini-2.5-flash"
     assert llm.stats().tokens_out == 24
 
@@ -127,8 +127,6 @@ async def test_exhausted_retries_raise_a_friendly_upstream_error(
 async def test_a_hung_attempt_times_out_and_is_retried(server: FakeGemini, make_llm: MakeLLM) -> None:
     # an attempt timeout ample for a normal call on a loaded machine; the hung one never ends
     llm = make_llm(attempt_timeout_seconds=2.0)
-    await llm.start()  # the SDK process, started outside the attempt's timeout
-    server.reset()
     server.fail_next(1, "timeout")
     assert (await llm.generate(ask("slow"))).finish_reason == "STOP"
     assert server.calls == 2
@@ -138,7 +136,7 @@ async def test_a_hung_attempt_times_out_and_is_retried(server: FakeGemini, make_
 @pytest.mark.asyncio
 async def test_the_total_deadline_ends_the_request(server: FakeGemini, make_llm: MakeLLM) -> None:
     llm = make_llm(attempt_timeout_seconds=0.2, timeout_seconds=0.5, max_attempts=10)
-    await llm.start()  # the SDK process, started outside the request's deadline
+    await llm.generate(ask("warm up"))  # the SDK's client, made outside the request's deadline
     server.reset()
     server.fail_next(10, "timeout")
     with pytest.raises(UpstreamUnavailable):
@@ -315,28 +313,7 @@ async def test_too_many_images_are_refused(server: FakeGemini, make_llm: MakeLLM
 
 
 @pytest.mark.asyncio
-async def test_the_sdk_runs_in_a_child_process_and_a_killed_one_is_replaced(
-    server: FakeGemini, make_llm: MakeLLM
-) -> None:
-    llm = make_llm()
-    await llm.generate(ask("warm up"))
-    (sdk,) = llm._sdks
-    first = sdk.pid
-    assert first is not None and first != os.getpid()
-    server.config.latency = 0.5
-    call = asyncio.create_task(llm.generate(ask("survive the crash")))
-    await server.wait_for_calls(2)
-    os.kill(first, signal.SIGKILL)
-    result = await call  # the broken call is retried like a dropped connection
-    assert "you said: survive the crash" in result.text
-    assert sdk.starts == 2 and sdk.pid not in (None, first)
-    assert llm.stats().retries >= 1
-
-
-@pytest.mark.asyncio
-async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
-    server: FakeGemini, make_llm: MakeLLM
-) -> None:
+async def test_closing_a_stream_early_drops_its_http_stream(server: FakeGemini, make_llm: MakeLLM) -> None:
     server.config.latency = 0.05
     server.config.chunk_interval = 0.5  # the rest of the stream would take 1.5 s
     llm = make_llm()
@@ -344,15 +321,14 @@ async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
     first = await anext(aiter(stream))
     await stream.aclose()
     assert first.startswith("(fake gemini)")
-    # the SDK process dropped the HTTP stream: the server saw its client leave mid-stream
+    # the gateway dropped the HTTP stream: the server saw its client leave mid-stream
     for _ in range(500):  # up to 10 s
         if server.abandoned:
             break
         await asyncio.sleep(0.02)
     assert server.abandoned == 1
-    (sdk,) = llm._sdks
-    assert sdk.in_flight == 0
-    # the process is still serving after the cancelled stream
+    assert llm.stats().in_flight == 0
+    # the gateway is still serving after the cancelled stream
     assert "you said: next" in (await llm.generate(ask("next"))).text
 
 
@@ -360,8 +336,8 @@ async def test_closing_a_stream_early_stops_it_in_the_sdk_process(
 async def test_calls_go_through_the_proxy_the_environment_names(
     server: FakeGemini, make_llm: MakeLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the SDK's session no longer reads the environment on every request: the backend
-    # looks the proxy up once, and its SDK process sends every call through it
+    # the SDK's session does not read the environment on every request: the proxy is
+    # looked up once, where the gateway is made, and every call goes through it
     proxied: list[str] = []
 
     async def forward(request: web.Request) -> web.Response:
@@ -397,59 +373,3 @@ async def test_calls_go_through_the_proxy_the_environment_names(
         assert server.calls == 1
     finally:
         await runner.cleanup()
-
-
-def _fresh_interpreter(script: str) -> str:
-    """What `script` prints, run in a new interpreter from the repository's root."""
-    root = Path(__file__).resolve().parent.parent
-    return subprocess.run(
-        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-
-
-def test_the_sdk_processes_fork_server_builds_the_sdks_models_before_any_call() -> None:
-    # in a fresh interpreter, as in the fork server: the SDK's import leaves models to be
-    # built on their first use (by a first call), and the preload builds them all
-    script = (
-        "import pydantic\n"
-        "from google.genai import types\n"
-        "def unbuilt():\n"
-        "    return sum(1 for o in vars(types).values() if isinstance(o, type)"
-        " and issubclass(o, pydantic.BaseModel) and not o.__pydantic_complete__)\n"
-        "before = unbuilt()\n"
-        "import bot.llm.sdk_preload\n"
-        "print(before, unbuilt())\n"
-    )
-    before, after = map(int, _fresh_interpreter(script).split())
-    assert before > 0
-    assert after == 0
-    assert "bot.llm.sdk_preload" in sdk_process._PRELOAD
-
-
-def test_the_sdk_processes_fast_model_membership_gives_pydantics_answers() -> None:
-    # in a fresh interpreter, as in an SDK process: `in` on the SDK's models answers as
-    # pydantic's scan did, for every field name, every (name, value) pair and a stranger,
-    # and the SDK's request converter builds the same wire request from the same history
-    script = (
-        "import json\n"
-        "from google.genai import _common, models, types\n"
-        "from bot.llm.sdk_process import fast_model_membership\n"
-        "part = types.Part(text='hi', thought=False)\n"
-        "content = types.Content(role='user', parts=[part])\n"
-        "probes = [(m, k) for m in (part, content) for k in [*type(m).model_fields, 'nope']]\n"
-        "probes += [(m, pair) for m in (part, content) for pair in m]\n"
-        "probes += [(part, ('text', 'other')), (part, 3)]\n"
-        "def answers():\n"
-        "    return [k in m for m, k in probes]\n"
-        "def wire():\n"
-        "    return json.dumps(models._Content_to_mldev(content), sort_keys=True)\n"
-        "before, wire_before = answers(), wire()\n"
-        "fast_model_membership()\n"
-        "assert '__contains__' in vars(_common.BaseModel)\n"
-        "print(json.dumps([before, answers(), wire_before, wire()]))\n"
-    )
-    before, after, wire_before, wire_after = json.loads(_fresh_interpreter(script))
-    assert after == before
-    assert True in before and False in before  # the probes cover both answers
-    assert wire_after == wire_before
-    assert '"text": "hi"' in wire_after

@@ -3,11 +3,12 @@ object that carries a streamed reply's final result, and the image checks every 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from actors.errors import InputRejected
+from actors.errors import InputRejected, UpstreamUnavailable
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,6 +29,12 @@ class LLMRequest:
     images: tuple[ImagePart, ...] = ()
     #: requests with the same key are identical and may share one upstream call
     key: str = ""
+    #: who asks, and from which server: the gateway's fair queue takes turns by these
+    user: str = ""
+    server: str | None = None
+    #: the conversation this turn belongs to (its scope and user), "" for a stateless one:
+    #: the gateway calibrates its token estimate per conversation
+    conversation: str = ""
 
 
 @dataclass(slots=True)
@@ -39,6 +46,68 @@ class LLMResult:
     finish_reason: str = "STOP"
     offline: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+class Chunk(NamedTuple):
+    """What the gateway needs from one upstream response (one `GenerateContentResponse`)."""
+
+    #: the response's text, thought parts left out (never `response.text`, which has
+    #: nothing to give for a blocked or empty reply)
+    text: str
+    has_candidates: bool
+    finish_reason: str | None
+    block_reason: str | None
+    #: (prompt, candidates, thoughts, cached) token counts, when the response carried usage
+    usage: tuple[int, int, int, int] | None
+    #: (title, uri) of the web pages a grounded reply drew on
+    sources: tuple[tuple[str, str], ...] = ()
+
+
+class Backend(Protocol):
+    """What the gateway calls upstream: Gemini through its SDK, or the offline responder."""
+
+    name: str
+
+    def call(
+        self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
+    ) -> AsyncGenerator[Chunk, None]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamCoolingDown(UpstreamUnavailable):
+    """The circuit breaker is open: calls fail fast until the cool-down ends."""
+
+    def user_message(self) -> str:
+        secs = max(1, round(self.retry_after or 1))
+        return (
+            "The model has been failing repeatedly, so I'm giving it a short break. "
+            f"Please try again in about {secs} second{'s' if secs != 1 else ''}."
+        )
+
+
+class GatewayBusy(UpstreamUnavailable):
+    """The quota would make the request wait longer than `llm.max_queue_seconds` (or the
+    queue is full); `retry_after` is when it would have been served."""
+
+    def user_message(self) -> str:
+        secs = max(1, round(self.retry_after or 1))
+        when = f"{secs} second{'s' if secs != 1 else ''}" if secs < 120 else f"{round(secs / 60)} minutes"
+        return f"I'm busy answering other people right now. Please try again in {when}."
+
+
+class UnknownModel(UpstreamUnavailable):
+    """The API does not know the configured model (a 404): a setting to fix, not a crash."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the API does not know the model {model!r}")
+        self.model = model
+
+    def user_message(self) -> str:
+        return (
+            f"I'm set up to use a model the API doesn't know ({self.model}). "
+            "An admin needs to pick another one (llm.model or /model)."
+        )
 
 
 class LLMStream:
@@ -60,6 +129,21 @@ class LLMStream:
         aclose = getattr(self._chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def result_stream(items: AsyncGenerator[str | LLMResult, None]) -> LLMStream:
+    """An `LLMStream` over what a gateway yields: text chunks, then the `LLMResult`."""
+
+    async def chunks() -> AsyncIterator[str]:
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, LLMResult):
+                    stream.result = item
+                else:
+                    yield item
+
+    stream = LLMStream(chunks())
+    return stream
 
 
 class LLM(Protocol):

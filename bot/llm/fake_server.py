@@ -3,6 +3,11 @@
 It serves `POST /{version}/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`
 in Gemini's wire format, with configurable latency and token counts, and injects failures
 (429 with RetryInfo, 500, 503, timeouts, safety blocks) per request or from a server-level script.
+Like the real API it enforces a per-key quota (requests and prompt tokens per rolling minute,
+answered 429 with `QuotaFailure` and `RetryInfo`), answers 404 for a model it does not know and
+503 for models it is told are overloaded, and reports cached (a prompt prefix it saw in the last
+minutes) and thinking tokens in `usageMetadata`, and grounding metadata for a request that
+carries the Google Search tool.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
+import math
 import re
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +34,10 @@ _ERROR_FAULTS = ("400", "403", "429", "500", "503")
 FAULT_HEADER = "x-fake-gemini-fault"
 RETRY_DELAY_HEADER = "x-fake-gemini-retry-delay"
 _MARKER = re.compile(r"\[\[fault:([a-z0-9_]+)(?::([0-9.]+))?\]\]")
+#: the model names the server serves: Gemini's and Gemma's families, any version
+_KNOWN_MODEL = re.compile(r"^(gemini|gemma)-[a-z0-9.-]+$")
+#: how long a prompt prefix stays in the implicit cache
+CACHE_SECONDS = 300.0
 
 _STATUS = {
     400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -57,6 +69,12 @@ class Arrival:
     prompt: str
     fault: str | None
     images: int
+    #: the turns sent (history and the new message)
+    turns: int = 0
+    #: the request's generation config, as sent (`generationConfig`)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: the text of each turn before the new message, oldest first
+    history: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -70,6 +88,16 @@ class FakeGeminiConfig:
     chunk_interval: float = 0.01
     #: how long a "timeout" fault keeps the client waiting
     hang_seconds: float = 120.0
+    #: per API key, requests per rolling minute (0: no limit); over it, 429 + QuotaFailure
+    quota_requests_per_minute: int = 0
+    #: per API key, prompt tokens per rolling minute (0: no limit)
+    quota_tokens_per_minute: int = 0
+    #: models that answer 503 UNAVAILABLE (overloaded) to every request
+    overloaded_models: list[str] = field(default_factory=list)
+    #: thinking tokens reported per reply (`thoughtsTokenCount`)
+    thinking_tokens: int = 0
+    #: the model's input limit in prompt tokens (0: none); longer prompts get Gemini's 400
+    max_input_tokens: int = 0
 
 
 @dataclass
@@ -83,6 +111,13 @@ class FakeGemini:
     peak_in_flight: int = 0
     #: streams whose client went away before their last chunk
     abandoned: int = 0
+    #: requests refused with 429 because their key was over its quota
+    quota_rejections: int = 0
+    clock: Callable[[], float] = time.monotonic
+    #: per API key: (time, prompt tokens) of the requests it made in the last minute
+    _usage: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+    #: prompt prefix digest -> when it was last seen (the implicit cache)
+    _prefixes: dict[str, float] = field(default_factory=dict)
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
@@ -105,6 +140,9 @@ class FakeGemini:
     def reset(self) -> None:
         self.script.clear()
         self.arrivals.clear()
+        self._usage.clear()
+        self._prefixes.clear()
+        self.quota_rejections = 0
         self.peak_in_flight = self.in_flight
 
     def stats(self) -> dict[str, Any]:
@@ -113,6 +151,7 @@ class FakeGemini:
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
             "abandoned": self.abandoned,
+            "quota_rejections": self.quota_rejections,
             "scripted": len(self.script),
             "config": asdict(self.config),
         }
@@ -149,6 +188,14 @@ class FakeGemini:
         model, _, action = request.match_info["target"].partition(":")
         if action not in ("generateContent", "streamGenerateContent"):
             return _error(404, "NOT_FOUND", f"unknown method {action!r}")
+        if not _KNOWN_MODEL.match(model):
+            return _error(
+                404,
+                "NOT_FOUND",
+                f"models/{model} is not found for API version {request.match_info['version']}, or is not "
+                "supported for generateContent. Call ListModels to see the list of available models "
+                "and their supported methods.",
+            )
         try:
             body = await request.json()
             contents = body["contents"]
@@ -157,6 +204,11 @@ class FakeGemini:
             return _error(400, "INVALID_ARGUMENT", f"malformed request: {exc}")
         fault = self._fault_for(request, prompt)
         streamed = action == "streamGenerateContent"
+        tokens_in = _prompt_tokens(body)
+        over = self._over_quota(request.headers.get("x-goog-api-key", ""), model, tokens_in)
+        if over is not None:
+            self.quota_rejections += 1
+            return over
         self.arrivals.append(
             Arrival(
                 time.monotonic(),
@@ -165,6 +217,9 @@ class FakeGemini:
                 prompt,
                 fault.kind if fault else None,
                 sum(1 for c in contents for p in c.get("parts", ()) if "inlineData" in p),
+                len(contents),
+                dict(body.get("generationConfig") or {}),
+                [" ".join(p.get("text", "") for p in c.get("parts", ())) for c in contents[:-1]],
             )
         )
         self._arrived.set()
@@ -196,9 +251,22 @@ class FakeGemini:
             await asyncio.sleep(cfg.latency)
         if fault is not None and fault.kind in _ERROR_FAULTS:
             return _error(int(fault.kind), *_STATUS[int(fault.kind)], retry_delay=fault.retry_delay)
+        model = request.match_info["target"].partition(":")[0]
+        if model in cfg.overloaded_models:
+            return _error(503, *_STATUS[503])
+        if cfg.max_input_tokens and _prompt_tokens(body) > cfg.max_input_tokens:
+            return _error(
+                400,
+                "INVALID_ARGUMENT",
+                f"The input token count ({_prompt_tokens(body)}) exceeds the maximum number of tokens "
+                f"allowed ({cfg.max_input_tokens}).",
+            )
 
         words = _reply_words(prompt, cfg.reply_tokens)
-        tokens_in = sum(len(p.get("text", "").split()) for c in body["contents"] for p in c.get("parts", ()))
+        tokens_in = _prompt_tokens(body)
+        cached = self._cached_tokens(body)
+        thinking = _thinking_tokens(body, cfg.thinking_tokens)
+        grounding = _grounding(body, prompt)
         finish = "STOP"
         if fault is not None and fault.kind == "max_tokens":
             words, finish = words[: max(1, len(words) // 2)], "MAX_TOKENS"
@@ -216,11 +284,13 @@ class FakeGemini:
                 }
                 if last:
                     candidate["finishReason"] = finish
+                    if grounding is not None:
+                        candidate["groundingMetadata"] = grounding
                 done = sum(len(p.split()) for p in pieces[: i + 1])
                 chunks.append(
                     {
                         "candidates": [candidate],
-                        "usageMetadata": _usage(tokens_in, done),
+                        "usageMetadata": _usage(tokens_in, done, cached, thinking),
                         "modelVersion": request.match_info["target"].partition(":")[0],
                     }
                 )
@@ -242,6 +312,88 @@ class FakeGemini:
                 self.abandoned += 1
             raise
         return response
+
+    def _over_quota(self, key: str, model: str, tokens: int) -> web.Response | None:
+        """The 429 Google sends when `key` is over its per-minute quota; None if within it.
+        A request that is refused counts against nothing."""
+        cfg = self.config
+        if not (cfg.quota_requests_per_minute or cfg.quota_tokens_per_minute):
+            return None
+        now = self.clock()
+        used = self._usage.setdefault(key, deque())
+        while used and used[0][0] <= now - 60.0:
+            used.popleft()
+        violation = None
+        if cfg.quota_requests_per_minute and len(used) >= cfg.quota_requests_per_minute:
+            violation = (
+                "requests",
+                "GenerateRequestsPerMinutePerProjectPerModel",
+                cfg.quota_requests_per_minute,
+            )
+            free_at = used[len(used) - cfg.quota_requests_per_minute][0] + 60.0
+        elif (
+            cfg.quota_tokens_per_minute
+            and used
+            and sum(t for _, t in used) + tokens > cfg.quota_tokens_per_minute
+        ):
+            violation = (
+                "input_token_count",
+                "GenerateContentInputTokensPerModelPerMinute",
+                cfg.quota_tokens_per_minute,
+            )
+            free_at = used[0][0] + 60.0
+        if violation is None:
+            used.append((now, tokens))
+            return None
+        metric, quota_id, value = violation
+        delay = max(1, math.ceil(free_at - now))
+        details = [
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [
+                    {
+                        "quotaMetric": f"generativelanguage.googleapis.com/generate_content_{metric}",
+                        "quotaId": quota_id,
+                        "quotaDimensions": {"location": "global", "model": model},
+                        "quotaValue": str(value),
+                    }
+                ],
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.Help",
+                "links": [
+                    {
+                        "description": "Learn more about Gemini API quotas",
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                    }
+                ],
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay}s"},
+        ]
+        message = (
+            f"You exceeded your current quota, please check your plan and billing details. "
+            f"Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_{metric}, "
+            f"limit: {value}, model: {model}. Please retry in {delay}s."
+        )
+        return web.json_response(
+            {"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED", "details": details}},
+            status=429,
+        )
+
+    def _cached_tokens(self, body: dict[str, Any]) -> int:
+        """Tokens of the prompt's prefix (system instruction and every turn but the last)
+        when the same prefix came in the last `CACHE_SECONDS`: Gemini's implicit caching."""
+        contents = body["contents"]
+        prefix = {"system": body.get("systemInstruction"), "turns": contents[:-1]}
+        if prefix["system"] is None and not prefix["turns"]:
+            return 0
+        digest = hashlib.blake2b(json.dumps(prefix, sort_keys=True).encode(), digest_size=16).hexdigest()
+        now = self.clock()
+        seen = self._prefixes.get(digest)
+        self._prefixes[digest] = now
+        if seen is None or seen <= now - CACHE_SECONDS:
+            return 0
+        return _prompt_tokens({"contents": contents[:-1], "systemInstruction": prefix["system"]})
 
     # --- admin endpoints, so a separate process (the benchmark) can steer the server -------
 
@@ -295,12 +447,47 @@ def _split(words: list[str], parts: int) -> list[str]:
     return [" ".join(p) + (" " if i < len(pieces) - 1 else "") for i, p in enumerate(pieces)]
 
 
-def _usage(tokens_in: int, tokens_out: int) -> dict[str, int]:
-    return {
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens as the fake counts them: words of every text part, system included."""
+    system = body.get("systemInstruction") or {}
+    contents = [*body["contents"], *([system] if isinstance(system, dict) else [])]
+    return sum(len(str(p.get("text", "")).split()) for c in contents for p in c.get("parts", ()))
+
+
+def _thinking_tokens(body: dict[str, Any], configured: int) -> int:
+    """Thinking tokens of a reply: the configured count, within the request's budget
+    (`thinkingConfig.thinkingBudget`; 0 turns thinking off)."""
+    # like Google's JSON parser, either spelling of a field (the SDK sends this one in snake_case)
+    thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
+    budget = thinking.get("thinkingBudget", thinking.get("thinking_budget"))
+    if budget is None or budget < 0:
+        return configured
+    return min(configured, int(budget))
+
+
+def _grounding(body: dict[str, Any], prompt: str) -> dict[str, Any] | None:
+    """Grounding metadata citing two pages, for a request with the Google Search tool."""
+    if not any("googleSearch" in tool or "google_search" in tool for tool in body.get("tools") or ()):
+        return None
+    query = "+".join(prompt.split()[:6]) or "query"
+    pages = [
+        {"web": {"uri": f"https://example.com/search?q={query}", "title": "example.com"}},
+        {"web": {"uri": f"https://example.org/wiki/{query}", "title": "example.org"}},
+    ]
+    return {"webSearchQueries": [prompt[:80]], "groundingChunks": pages, "groundingSupports": []}
+
+
+def _usage(tokens_in: int, tokens_out: int, cached: int = 0, thinking: int = 0) -> dict[str, int]:
+    usage = {
         "promptTokenCount": tokens_in,
         "candidatesTokenCount": tokens_out,
-        "totalTokenCount": tokens_in + tokens_out,
+        "totalTokenCount": tokens_in + tokens_out + thinking,
     }
+    if cached:
+        usage["cachedContentTokenCount"] = cached
+    if thinking:
+        usage["thoughtsTokenCount"] = thinking
+    return usage
 
 
 def _blocked(kind: str, tokens_in: int) -> dict[str, Any]:
@@ -347,6 +534,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-tokens", type=int, default=defaults.reply_tokens)
     parser.add_argument("--stream-chunks", type=int, default=defaults.stream_chunks)
     parser.add_argument("--chunk-interval", type=float, default=defaults.chunk_interval)
+    parser.add_argument(
+        "--quota-requests-per-minute", type=int, default=0, help="per API key, answered 429 above it; 0: none"
+    )
+    parser.add_argument("--quota-tokens-per-minute", type=int, default=0, help="prompt tokens, per API key")
 
 
 def config_from_args(args: argparse.Namespace) -> FakeGeminiConfig:
@@ -355,4 +546,6 @@ def config_from_args(args: argparse.Namespace) -> FakeGeminiConfig:
         reply_tokens=args.reply_tokens,
         stream_chunks=args.stream_chunks,
         chunk_interval=args.chunk_interval,
+        quota_requests_per_minute=args.quota_requests_per_minute,
+        quota_tokens_per_minute=args.quota_tokens_per_minute,
     )

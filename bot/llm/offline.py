@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
-from bot.llm.base import LLMRequest, LLMResult, LLMStream
+from bot.llm.base import Chunk, ImagePart, LLMRequest, LLMResult, LLMStream
 
 OFFLINE_MODEL = "offline-echo"
 
@@ -68,6 +68,30 @@ class OfflineResponder:
 
         stream = LLMStream(chunks())
         return stream
+
+    async def aclose(self) -> None:
+        return None
+
+
+class OfflineBackend:
+    """The offline responder as a backend of the LLM gateway: the same replies, in chunks."""
+
+    name = "offline"
+
+    def __init__(self, latency: float = 0.0) -> None:
+        self.responder = OfflineResponder(latency)
+
+    async def call(
+        self, model: str, request: LLMRequest, images: tuple[ImagePart, ...], streamed: bool
+    ) -> AsyncGenerator[Chunk, None]:
+        result = await self.responder.generate(request)
+        words = result.text.split(" ")
+        step = 8 if streamed else len(words)
+        for i in range(0, len(words), step):
+            last = i + step >= len(words)
+            text = " ".join(words[i : i + step]) + ("" if last else " ")
+            usage = (result.tokens_in, result.tokens_out, 0, 0) if last else None
+            yield Chunk(text, True, "STOP" if last else None, None, usage)
 
     async def aclose(self) -> None:
         return None

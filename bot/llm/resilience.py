@@ -1,126 +1,18 @@
-"""The asyncio building blocks around an upstream call: a FIFO concurrency gate,
-single-flight coalescing, a circuit breaker, and the backoff schedule.
+"""The building blocks around an upstream call: a circuit breaker and the backoff schedule.
 
-Each is small, backend-agnostic and tested on its own; `bot.llm.gemini` composes them.
+Each is small, backend-agnostic and tested on its own; `bot.llm.gateway` composes them
+with its fair queue and single-flight table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
-
-
-class ConcurrencyGate:
-    """At most `limit` holders at once; the rest wait in arrival order.
-
-    A freed slot is handed straight to the oldest waiter, so a newcomer can never
-    overtake the queue (asyncio.Semaphore does not promise that).
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        self.limit = limit
-        self.in_flight = 0
-        self.peak_in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        if self.in_flight < self.limit and not self._waiters:
-            self.in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                # the slot was handed to us as we were cancelled: pass it on
-                self.release()
-            else:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.in_flight -= 1
-
-
-@dataclass(slots=True)
-class _Flight(Generic[T]):
-    task: asyncio.Task[T]
-    waiters: int = 0
-
-
-class SingleFlight(Generic[T]):
-    """Concurrent calls with the same key share one execution.
-
-    Each caller awaits the shared task through `asyncio.shield`, so a caller that is
-    cancelled leaves the others their answer; the shared task is cancelled only when
-    every caller has gone.
-    """
-
-    def __init__(self) -> None:
-        self._flights: dict[str, _Flight[T]] = {}
-        self.started = 0
-        self.joined = 0
-
-    def __len__(self) -> int:
-        return len(self._flights)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._flights
-
-    async def do(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight(asyncio.get_running_loop().create_task(_await(make)))
-            self._flights[key] = flight
-            flight.task.add_done_callback(lambda task: self._finished(key, task))
-            self.started += 1
-        else:
-            self.joined += 1
-        flight.waiters += 1
-        try:
-            return await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                # nobody wants the answer any more; a later caller starts afresh
-                self._forget(key, flight)
-                flight.task.cancel()
-
-    def _forget(self, key: str, flight: _Flight[T]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-
-    def _finished(self, key: str, task: asyncio.Task[T]) -> None:
-        flight = self._flights.get(key)
-        if flight is not None and flight.task is task:
-            del self._flights[key]
-        if not task.cancelled():
-            # every waiter may have gone: mark the outcome seen so asyncio does not log it
-            task.exception()
-
-
-async def _await(make: Callable[[], Awaitable[T]]) -> T:
-    return await make()
 
 
 class CircuitBreaker:
