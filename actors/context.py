@@ -62,6 +62,9 @@ class ContextConfig(BaseModel):
     #: background, and resends any that fail); a reset or forget never waits for it.
     #: The bot's settings use 0.5 s; 0 commits as soon as the previous commit is done.
     commit_delay_seconds: float = Field(default=0.0, ge=0, le=1)
+    #: front-end messages (bot replies, threads) remembered per shard as belonging to a
+    #: conversation; past it the oldest links go first
+    max_reply_links: int = Field(default=200_000, ge=1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -349,6 +352,27 @@ class ContextStore(Service):
             if not self._forgetting[user]:
                 del self._forgetting[user]
         return len(forgotten)
+
+    # --- reply links ---
+
+    async def link_replies(self, scope: str, user: str, message_ids: Sequence[str]) -> int:
+        """Remember that `message_ids` (the bot's replies, a thread) continue the (scope, user)
+        conversation; the links go with it (reset, forget, stale cleanup). Returns how many."""
+        self._ensure_maintenance()
+        key = conversation_key(scope, user)
+        if isinstance(message_ids, str):
+            raise ValueError("message_ids must be a list of ids, not one string")
+        for m in message_ids:
+            _check_id("message_id", m)
+        await self._db.write(
+            ContextDB.link_replies(message_ids, scope, user, key, self.config.max_reply_links)
+        )
+        return len(message_ids)
+
+    async def reply_scope(self, message_id: str) -> str | None:
+        """The scope of the conversation `message_id` continues, or None when unknown."""
+        _check_id("message_id", message_id)
+        return self._db.reply_scope(message_id)
 
     # --- social graph ---
 
@@ -779,6 +803,16 @@ class ContextClient(ShardedClient):
     ) -> int:
         owner = self.handle_for(graph_key(server))
         return await self._batched(owner, "record_interaction", server, user, mentions, reply_to)  # type: ignore[return-value]
+
+    async def link_replies(self, scope: str, user: str, message_ids: list[str]) -> int:
+        """Links live with their conversation, on its shard."""
+        key = conversation_key(scope, user)
+        return await self._call(self.handle_for(key), "link_replies", scope, user, message_ids)  # type: ignore[return-value]
+
+    async def reply_scope(self, message_id: str) -> str | None:
+        """Asks every shard at once (a link lives on its conversation's shard)."""
+        found = await self._call_all("reply_scope", message_id)
+        return next((cast(str, f) for f in found if f is not None), None)
 
     async def reset(self, scope: str, user: str) -> bool:
         key = conversation_key(scope, user)
