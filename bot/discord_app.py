@@ -258,7 +258,7 @@ class RaycordTree(app_commands.CommandTree[Any]):
 
     async def interaction_check(self, interaction: discord.Interaction[Any], /) -> bool:
         bot = self.client
-        if not isinstance(bot, RaycordBot) or bot.gate.allows_interaction(interaction):
+        if not isinstance(bot, RaycordClient) or bot.gate.allows_interaction(interaction):
             return True
         await answer_ephemeral(interaction, REFUSED)
         return False
@@ -294,8 +294,9 @@ async def answer_ephemeral(interaction: discord.Interaction[Any], text: str) -> 
         log.warning("could not answer interaction %s (%s %s); dropped", interaction.id, exc.status, exc.text)
 
 
-class RaycordBot(commands.AutoShardedBot):
-    """The discord.py client wired to one `ChatPipeline`, over the configured gateway shards."""
+class RaycordClient(commands.Bot):
+    """The discord.py client wired to one `ChatPipeline` (one gateway connection; `RaycordBot`
+    runs the same over shards)."""
 
     def __init__(self, settings: Settings, pipeline: ChatPipeline | None, **options: Any) -> None:
         intents = options.pop("intents", None) or discord.Intents.default()
@@ -330,8 +331,6 @@ class RaycordBot(commands.AutoShardedBot):
         await self.add_cog(RaycordCommands(self))
         for name in self.settings.discord.disabled_commands:
             self.tree.remove_command(name)
-        if self._pipeline is not None:
-            await self.sync_commands()
 
     # -- command registration ---------------------------------------------------------
 
@@ -508,6 +507,17 @@ class RaycordBot(commands.AutoShardedBot):
             self.discord_errors.record("an error reply", exc)
 
 
+class RaycordBot(RaycordClient, commands.AutoShardedBot):
+    """The front-end `raycord run` starts: `RaycordClient` over the configured gateway shards
+    (`discord.shard_count`, `discord.shard_ids`; Discord's recommendation when unset), which
+    registers its command tree at start when it changed since the last sync."""
+
+    async def setup_hook(self) -> None:
+        await super().setup_hook()
+        # after login (the application id is known), before the gateway connects
+        await self.sync_commands()
+
+
 class ForgetConfirm(discord.ui.View):
     """Two buttons: forgetting everything about a user needs their confirmation."""
 
@@ -561,7 +571,7 @@ class RaycordCommands(commands.Cog):
     """Slash commands /ask /reset /forget /limits /stats /model, and the "Ask raycord"
     message menu. Failures go to the tree's one error handler."""
 
-    def __init__(self, bot: RaycordBot) -> None:
+    def __init__(self, bot: RaycordClient) -> None:
         self.bot = bot
         self.ask_menu = app_commands.ContextMenu(name="Ask raycord", callback=self._ask_about_message)
         bot.tree.add_command(self.ask_menu)
@@ -712,7 +722,7 @@ async def sync_commands_now(settings: Settings) -> int:
         print("raycord: DISCORD_TOKEN is not set", flush=True)
         return 2
     use_api_base(settings.discord.api_base_url)
-    bot = RaycordBot(settings, None)
+    bot = RaycordClient(settings, None)
     async with bot:
         await bot.login(settings.discord_token.get_secret_value())
         synced = await bot.sync_commands(force=True)

@@ -314,8 +314,9 @@ class FakeDiscord:
             message["referenced_message"] = ref
         if interaction_id is not None:
             message["interaction_metadata"] = {"id": interaction_id, "type": 2, "user": author}
+        # ephemeral messages are stored too (their buttons can be pressed), flagged as such
+        self.messages.setdefault(channel_id, {})[message["id"]] = message
         if not flags & EPHEMERAL:
-            self.messages.setdefault(channel_id, {})[message["id"]] = message
             channel["last_message_id"] = message["id"]
         return message
 
@@ -380,6 +381,7 @@ class FakeDiscord:
             "channel": channel,
             "locale": "en-US",
             "app_permissions": str((1 << 41) - 1),
+            "attachment_size_limit": 8 * 2**20,
             "entitlements": [],
             "authorizing_integration_owners": {"0": guild_id} if guild_id else {"1": user["id"]},
             "context": 0 if guild_id else 1,

@@ -182,6 +182,21 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def kill_services(namespace: str) -> None:
+    """Stop the service actors the bot processes created in `namespace` of the session Ray
+    (on a Ray they connect to with `--address`, actors outlive their front-ends)."""
+    import ray
+
+    from bot.runtime import SERVICES
+
+    for spec in SERVICES:
+        try:
+            handle = ray.get_actor(f"{spec.name}-0", namespace=namespace)
+        except ValueError:
+            continue
+        ray.kill(handle, no_restart=True)
+
+
 def reply_to(stand_in: StandIn, channel: str, user: str, content: str, **extra: Any) -> dict[str, Any]:
     return stand_in.call(  # type: ignore[no-any-return]
         "messages", {"channel_id": channel, "author_id": user, "content": content, **extra}
