@@ -313,7 +313,10 @@ class FakeDiscord:
             }
             message["referenced_message"] = ref
         if interaction_id is not None:
-            message["interaction_metadata"] = {"id": interaction_id, "type": 2, "user": author}
+            entry = self.interactions.get(interaction_id)
+            payload = entry["payload"] if entry else {}
+            user = (payload.get("member") or {}).get("user") or payload.get("user") or author
+            message["interaction_metadata"] = {"id": interaction_id, "type": 2, "user": user}
         # ephemeral messages are stored too (their buttons can be pressed), flagged as such
         self.messages.setdefault(channel_id, {})[message["id"]] = message
         if not flags & EPHEMERAL:
@@ -727,6 +730,13 @@ class FakeDiscord:
     async def _rest_followup(self, request: web.Request) -> web.Response:
         entry = self._interaction_by_token(request.match_info["webhook_token"])
         body = await _body(request)
+        original = entry["original"]
+        loading = entry["responses"] and entry["responses"][0].get("type") == 5
+        if original is not None and loading and not any("followup" in r for r in entry["responses"]):
+            # as on Discord, the first follow-up of a deferred ("thinking") response replaces it
+            entry["responses"].append({"followup": body})
+            self._apply_edit(original, body)
+            return _json(original)
         message = self._message(
             entry["payload"]["channel_id"],
             self.bot_user,
