@@ -376,8 +376,9 @@ class RaycordClient(commands.Bot):
 
     # -- messages ----------------------------------------------------------------------
 
-    async def conversation_of(self, message: discord.Message) -> str | None:
-        """The scope of the conversation `message` belongs to, or None if not for us."""
+    async def conversation_of(self, message: discord.Message) -> tuple[str, bool] | None:
+        """The scope of the conversation `message` belongs to, and whether it starts a new
+        conversation in a channel (which `auto_thread` moves to a thread); None if not for us."""
         me = self.user
         if me is None:
             return None
@@ -386,19 +387,20 @@ class RaycordClient(commands.Bot):
             resolved = ref.resolved
             if isinstance(resolved, discord.Message) and resolved.author.id == me.id:
                 linked = await self.pipeline.context.reply_scope(str(ref.message_id))
-                return linked or f"chain:{ref.message_id}"
+                return linked or f"chain:{ref.message_id}", False
         if message.guild is None:
-            return f"dm:{message.author.id}"
+            return f"dm:{message.author.id}", False
         if isinstance(message.channel, discord.Thread):
             thread = message.channel
             if me in message.mentions or thread.id in self._answered_threads:
-                return f"thread:{thread.id}"
+                return f"thread:{thread.id}", False
             linked = await self.pipeline.context.reply_scope(str(thread.id))
-            if linked is not None:
-                self._answered_threads.add(thread.id)
-            return linked
+            if linked is None:
+                return None
+            self._answered_threads.add(thread.id)
+            return linked, False
         if me in message.mentions:
-            return f"channel:{message.channel.id}"
+            return f"channel:{message.channel.id}", True
         return None
 
     def _replied_user(self, message: discord.Message) -> str | None:
@@ -457,10 +459,11 @@ class RaycordClient(commands.Bot):
         if not self.gate.allows(message):
             return
         try:
-            scope = await self.conversation_of(message)
-            if scope is None:
+            found = await self.conversation_of(message)
+            if found is None:
                 return
-            thread = await self._open_thread(message) if scope.startswith("channel:") else None
+            scope, new_in_channel = found
+            thread = await self._open_thread(message) if new_in_channel else None
             if thread is not None:
                 scope = f"thread:{thread.id}"
             incoming = IncomingMessage(
