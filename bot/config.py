@@ -78,7 +78,7 @@ class DiscordSettings(BaseModel):
     #: least time between two edits of a streamed reply in one channel
     edit_interval_seconds: float = Field(default=1.0, ge=0)
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
-    #: Discord's REST base (its gateway URL comes from `/gateway/bot`); point it at
+    #: Discord's REST base (the gateway URL comes from its `/gateway/bot`); point it at
     #: `raycord fake-discord` to try the bot without Discord
     api_base_url: str = "https://discord.com"
     #: sync the command tree to these guilds instead of globally (guild commands appear

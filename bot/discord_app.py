@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import discord
+import yarl
 from discord import app_commands
 from discord.ext import commands
 
@@ -41,6 +42,7 @@ _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/hei
 _UNKNOWN_INTERACTION = 10062
 _UNKNOWN_MESSAGE = 10008
 COMMAND_HASH_FILE = "discord-commands.json"
+DISCORD_API_BASE = "https://discord.com"
 
 
 class Gate:
@@ -518,7 +520,16 @@ class RaycordBot(RaycordClient, commands.AutoShardedBot):
     async def setup_hook(self) -> None:
         await super().setup_hook()
         # after login (the application id is known), before the gateway connects
+        if self.settings.discord.api_base_url != DISCORD_API_BASE:
+            await self._use_base_gateway()
         await self.sync_commands()
+
+    async def _use_base_gateway(self) -> None:
+        """With a fixed shard count, and when a reconnect fails, discord.py connects to
+        `DiscordWebSocket.DEFAULT_GATEWAY` (a public class attribute) instead of asking
+        `/gateway/bot`: point it at the gateway of the configured API base."""
+        _, url, _ = await self.http.get_bot_gateway()
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
 
 
 class ForgetConfirm(discord.ui.View):
