@@ -618,6 +618,12 @@ class RaycordCommands(commands.Cog):
         for part in parts[1:]:
             await interaction.followup.send(part, ephemeral=ephemeral, allowed_mentions=NO_PINGS)
 
+    @staticmethod
+    async def _defer(interaction: discord.Interaction) -> None:
+        """Acknowledge within Discord's 3-second window before calling a service, so a slow or
+        failing service still gets its (ephemeral) answer to the user as a follow-up."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+
     async def _admin_only(self, interaction: discord.Interaction) -> bool:
         if self.bot.gate.is_admin(interaction.user.id):
             return True
@@ -655,6 +661,7 @@ class RaycordCommands(commands.Cog):
 
     @app_commands.command(name="reset", description="Clear my conversation with the bot in this channel")
     async def reset(self, interaction: discord.Interaction) -> None:
+        await self._defer(interaction)
         cleared = await self.pipeline.reset(self._scope(interaction), str(interaction.user.id))
         await self._send(interaction, "Conversation cleared." if cleared else "There was nothing to clear.")
 
@@ -668,6 +675,7 @@ class RaycordCommands(commands.Cog):
 
     @app_commands.command(name="limits", description="My message and command budget (asking costs nothing)")
     async def limits(self, interaction: discord.Interaction) -> None:
+        await self._defer(interaction)
         usage = await self.pipeline.limits(
             str(interaction.user.id), str(interaction.guild_id) if interaction.guild_id else None
         )
@@ -683,6 +691,7 @@ class RaycordCommands(commands.Cog):
     async def stats(self, interaction: discord.Interaction) -> None:
         if not await self._admin_only(interaction):
             return
+        await self._defer(interaction)
         cache = await self.pipeline.cache.stats()
         hits = sum(s.hits for s in cache)
         lookups = hits + sum(s.misses for s in cache)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import ray
 
+from actors.errors import ServiceUnavailable
 from bot.discord_app import REFUSED, UNKNOWN_COMMAND
 from tests.discord_harness import BotProcess, StandIn, answer_to, kill_services, reply_to, wait_for
 
@@ -30,7 +31,8 @@ PNG = base64.b64decode(
 
 
 class World:
-    def __init__(self, stand_in: StandIn, bot: BotProcess, blocked: str) -> None:
+    def __init__(self, stand_in: StandIn, bot: BotProcess, blocked: str, namespace: str) -> None:
+        self.namespace = namespace
         self.stand_in = stand_in
         self.bot = bot
         self.blocked = blocked
@@ -62,6 +64,18 @@ class World:
 
         return wait_for("the interaction's response", responded)
 
+    def answer(self, channel: str, user: str, **body: Any) -> dict[str, Any]:
+        """Inject a command the bot defers; returns its answer (the response message once
+        the first follow-up has replaced the "thinking" state)."""
+        ids = self.stand_in.call("interactions", {"channel_id": channel, "user_id": user, **body})
+
+        def answered() -> dict[str, Any] | None:
+            got = self.stand_in.call("interactions", id=ids["id"])
+            original = got["original"] or {}
+            return original if original.get("content") else None
+
+        return wait_for("the interaction's answer", answered)
+
 
 @pytest.fixture(scope="module")
 def world(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
@@ -79,7 +93,7 @@ def world(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             namespace=namespace,
         )
         bot.wait_connected(0)
-        yield World(stand_in, bot, blocked)
+        yield World(stand_in, bot, blocked, namespace)
     finally:
         if bot is not None:
             bot.stop()
@@ -172,8 +186,8 @@ def test_limits_shows_used_left_and_when_each_window_frees_and_counts_nothing(wo
     channel, user = world.channel(), world.user()
     asked = reply_to(world.stand_in, channel, user, "count me", mention_bot=True)
     answer_to(world.stand_in, channel, asked["id"])
-    first = world.interact(channel, user, name="limits")["responses"][0]["data"]
-    second = world.interact(channel, user, name="limits")["responses"][0]["data"]
+    first = world.answer(channel, user, name="limits")
+    second = world.answer(channel, user, name="limits")
     assert first["flags"] & EPHEMERAL
     assert "message per minute: 1/" in first["content"] and "frees in" in first["content"]
     # asking for the limits counts nothing: the command budget is untouched after two asks
@@ -289,3 +303,11 @@ def test_an_image_attachment_is_read_from_the_cdn(world: World) -> None:
     )
     answer = answer_to(world.stand_in, channel, asked["id"])
     assert "You sent 1 image(s)" in answer["content"]
+
+
+def test_a_service_failure_in_a_command_gets_a_short_ephemeral_answer(world: World) -> None:
+    # the last test of the module: the context store goes away for good
+    ray.kill(ray.get_actor("context-0", namespace=world.namespace), no_restart=True)
+    answer = world.answer(world.channel(), world.user(), name="reset")
+    assert answer["flags"] & EPHEMERAL
+    assert answer["content"] == ServiceUnavailable("context down").user_message()
