@@ -3,6 +3,9 @@
 dpytest stands in for Discord's servers; the bot, its handlers, the pipeline and the
 Ray actors behind it are the real ones. Interaction responses (slash commands) go to a
 recording webhook adapter, Discord's HTTP side for interactions, which dpytest lacks.
+These are the unit-level cases, on the unsharded `RaycordClient` (dpytest refuses sharded
+clients); the wire-level ones drive `raycord run` against `raycord fake-discord`
+(tests/test_discord_wire.py, _restart.py, _shards.py).
 """
 
 from __future__ import annotations
