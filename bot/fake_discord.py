@@ -44,6 +44,8 @@ DISPATCH, HEARTBEAT, IDENTIFY, RESUME, RECONNECT, INVALID_SESSION, HELLO, HEARTB
     11,
 )
 RESUMABLE_EVENTS = 1000
+#: a request's JSON body, read once for the log and the handler
+_BODY = web.RequestKey("raycord_body", object)
 
 
 def _now_iso() -> str:
@@ -945,8 +947,8 @@ class FakeDiscord:
 async def _body(request: web.Request) -> Any:
     """The JSON body, from `payload_json` when discord.py sent multipart (files); read once
     (the log and the handler both want it)."""
-    if "body" in request:
-        return request["body"]
+    if _BODY in request:
+        return request[_BODY]
     body: Any = {}
     if request.content_type.startswith("multipart/"):
         form = await request.post()
@@ -955,7 +957,7 @@ async def _body(request: web.Request) -> Any:
     elif request.can_read_body:
         text = await request.text()
         body = json.loads(text) if text else {}
-    request["body"] = body
+    request[_BODY] = body
     return body
 
 
