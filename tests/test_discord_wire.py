@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,8 @@ PNG = base64.b64decode(
 class World:
     def __init__(self, stand_in: StandIn, bot: BotProcess, blocked: str, namespace: str) -> None:
         self.namespace = namespace
+        #: a test took a service away: the bot cannot drain at shutdown, so it is killed
+        self.broken = False
         self.stand_in = stand_in
         self.bot = bot
         self.blocked = blocked
@@ -82,6 +85,7 @@ def world(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     stand_in = StandIn()
     namespace = f"wire-{uuid.uuid4().hex[:8]}"
     bot: BotProcess | None = None
+    world: World | None = None
     try:
         blocked = str(stand_in.call("users", {"name": "blocked"})["id"])
         root = tmp_path_factory.mktemp("wire")
@@ -93,10 +97,11 @@ def world(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             namespace=namespace,
         )
         bot.wait_connected(0)
-        yield World(stand_in, bot, blocked, namespace)
+        world = World(stand_in, bot, blocked, namespace)
+        yield world
     finally:
         if bot is not None:
-            bot.stop()
+            bot.stop(signal.SIGKILL if world is not None and world.broken else signal.SIGINT)
         kill_services(namespace)
         stand_in.stop()
 
@@ -307,6 +312,7 @@ def test_an_image_attachment_is_read_from_the_cdn(world: World) -> None:
 
 def test_a_service_failure_in_a_command_gets_a_short_ephemeral_answer(world: World) -> None:
     # the last test of the module: the context store goes away for good
+    world.broken = True
     ray.kill(ray.get_actor("context-0", namespace=world.namespace), no_restart=True)
     answer = world.answer(world.channel(), world.user(), name="reset")
     assert answer["flags"] & EPHEMERAL
