@@ -779,6 +779,9 @@ class ContextClient(ShardedClient):
     """The bot's handle on the context store: conversations are routed by (scope, user),
     a server's social graph by the server id."""
 
+    #: a reply-link lookup is a read: retried while its replica restarts
+    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope"}
+
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
         return await self._batched(self.handle_for(key), "append", scope, user, turns)  # type: ignore[no-any-return]
