@@ -66,6 +66,9 @@ class ContextConfig(BaseModel):
     #: death of the actor's process and loses at most the last durability interval to a
     #: power loss, at most one sync per interval; FULL syncs every group commit
     synchronous: SyncMode = "NORMAL"
+    #: front-end messages (bot replies, threads) remembered per shard as belonging to a
+    #: conversation; past it the oldest links go first
+    max_reply_links: int = Field(default=200_000, ge=1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -359,6 +362,27 @@ class ContextStore(Service):
             if not self._forgetting[user]:
                 del self._forgetting[user]
         return len(forgotten)
+
+    # --- reply links ---
+
+    async def link_replies(self, scope: str, user: str, message_ids: Sequence[str]) -> int:
+        """Remember that `message_ids` (the bot's replies, a thread) continue the (scope, user)
+        conversation; the links go with it (reset, forget, stale cleanup). Returns how many."""
+        self._ensure_maintenance()
+        key = conversation_key(scope, user)
+        if isinstance(message_ids, str):
+            raise ValueError("message_ids must be a list of ids, not one string")
+        for m in message_ids:
+            _check_id("message_id", m)
+        await self._db.write(
+            ContextDB.link_replies(message_ids, scope, user, key, self.config.max_reply_links)
+        )
+        return len(message_ids)
+
+    async def reply_scope(self, message_id: str) -> str | None:
+        """The scope of the conversation `message_id` continues, or None when unknown."""
+        _check_id("message_id", message_id)
+        return self._db.reply_scope(message_id)
 
     # --- social graph ---
 
@@ -771,6 +795,9 @@ class ContextClient(ShardedClient):
     """The bot's handle on the context store: conversations are routed by (scope, user),
     a server's social graph by the server id."""
 
+    #: a reply-link lookup is a read: retried while its replica restarts
+    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope"}
+
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
         return await self._batched(self.handle_for(key), ContextStore.append, scope, user, turns)
@@ -795,6 +822,16 @@ class ContextClient(ShardedClient):
     ) -> int:
         owner = self.handle_for(graph_key(server))
         return await self._batched(owner, ContextStore.record_interaction, server, user, mentions, reply_to)
+
+    async def link_replies(self, scope: str, user: str, message_ids: list[str]) -> int:
+        """Links live with their conversation, on its shard."""
+        key = conversation_key(scope, user)
+        return await self._call(self.handle_for(key), ContextStore.link_replies, scope, user, message_ids)
+
+    async def reply_scope(self, message_id: str) -> str | None:
+        """Asks every shard at once (a link lives on its conversation's shard)."""
+        found = await self._call_all(ContextStore.reply_scope, message_id)
+        return next((f for f in found if f is not None), None)
 
     async def reset(self, scope: str, user: str) -> bool:
         key = conversation_key(scope, user)

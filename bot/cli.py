@@ -1,4 +1,5 @@
-"""The `raycord` command: run, chat, config, status, analytics, fake-gemini, loadtest."""
+"""The `raycord` command: run, chat, config, status, analytics, discord, fake-gemini, fake-discord,
+loadtest."""
 
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     fake = sub.add_parser("fake-gemini", help="serve a fake Gemini API, to try or load-test without a key")
     add_arguments(fake)
+    from bot.fake_discord import add_arguments as add_fake_discord_arguments
+
+    fake_discord = sub.add_parser("fake-discord", help="serve a Discord stand-in (REST v10 + Gateway v10)")
+    add_fake_discord_arguments(fake_discord)
+    discord_cmd = sub.add_parser("discord", help="Discord housekeeping: `raycord discord sync`")
+    _common(discord_cmd)
+    discord_cmd.add_argument("action", choices=["sync"], help="sync: register the slash commands now")
     sub.add_parser(
         "loadtest", help="load test: raycord against the naive pipeline (see --help)", add_help=False
     )
@@ -138,7 +146,7 @@ async def _serve(settings: Settings, command: str, front_end: str, announce: boo
         if front_end == "discord":
             from bot.discord_app import run_discord
 
-            await run_discord(settings, pipeline, stop)
+            await run_discord(settings, pipeline, stop, on_ready=announce_discord_ready)
         else:
             from bot.console import ConsoleChat
 
@@ -189,6 +197,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{prog}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "fake-discord":
+        from bot.fake_discord import serve as serve_fake_discord
+
+        asyncio.run(serve_fake_discord(args.host, args.port, args.token, args.guilds))
+        return 0
     try:
         settings = load_settings(args)
     except Exception as exc:
@@ -209,6 +222,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)
         return 2
+    if args.command == "discord":
+        from bot.discord_app import sync_commands_now
+
+        return asyncio.run(sync_commands_now(settings))
     front_end = "terminal"
     if args.command == "run" and settings.discord_token is not None:
         front_end = "discord"

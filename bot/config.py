@@ -11,7 +11,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -204,6 +212,30 @@ class DiscordSettings(BaseModel):
     #: least time between two edits of a streamed reply in one channel
     edit_interval_seconds: float = Field(default=1.0, ge=0)
     max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    #: Discord's REST base (the gateway URL comes from its `/gateway/bot`); point it at
+    #: `raycord fake-discord` to try the bot without Discord
+    api_base_url: str = "https://discord.com"
+    #: sync the command tree to these guilds instead of globally (guild commands appear
+    #: at once, global ones can take a while: for development)
+    sync_guild_ids: list[str] = Field(default_factory=list)
+    #: slash commands left out of the tree (and so unregistered at the next sync)
+    disabled_commands: list[str] = Field(default_factory=list)
+    #: open a thread for each new conversation started in a channel
+    auto_thread: bool = False
+    #: gateway shards of the whole bot; None asks Discord for its recommendation
+    shard_count: int | None = Field(default=None, ge=1)
+    #: the shards this process runs (all of them when None); needs `shard_count`
+    shard_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> DiscordSettings:
+        if self.shard_ids is not None:
+            if self.shard_count is None:
+                raise ValueError("discord.shard_ids needs discord.shard_count")
+            bad = [s for s in self.shard_ids if not 0 <= s < self.shard_count]
+            if bad:
+                raise ValueError(f"discord.shard_ids {bad} are outside 0..{self.shard_count - 1}")
+        return self
 
 
 class StatusSettings(BaseModel):

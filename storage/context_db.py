@@ -1,8 +1,9 @@
 """The context store's SQLite file: schema and every statement the ContextStore runs.
 
-One file per shard (`context-<shard>.sqlite`): conversations with their turns, and the
-social graph's edges. Writes go through a `GroupCommitter`; reads use their own WAL
-connection so they never wait for a commit in flight.
+One file per shard (`context-<shard>.sqlite`): conversations with their turns, the
+links from front-end messages to conversations, and the social graph's edges. Writes go
+through a `GroupCommitter`; reads use their own WAL connection so they never wait for a
+commit in flight.
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ CREATE TABLE IF NOT EXISTS graph_edges (
 CREATE INDEX IF NOT EXISTS graph_edges_by_user ON graph_edges(user);
 CREATE INDEX IF NOT EXISTS graph_edges_by_other ON graph_edges(other);
 CREATE INDEX IF NOT EXISTS graph_edges_by_last_seen ON graph_edges(last_seen);
+-- a front-end message (a bot reply, a thread) -> the conversation it belongs to; rows go
+-- with their conversation, and the oldest go first past the bound
+CREATE TABLE IF NOT EXISTS reply_links (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL,
+    user TEXT NOT NULL,
+    key TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reply_links_by_key ON reply_links(key);
+CREATE INDEX IF NOT EXISTS reply_links_by_user ON reply_links(user);
 """
 
 #: (role, author, text, time) as stored
@@ -124,6 +136,12 @@ class ContextDB:
         ).fetchone()
         return int(convs[0]), int(edges[0])
 
+    def reply_scope(self, message_id: str) -> str | None:
+        row = self._reader.execute(
+            "SELECT scope FROM reply_links WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     # --- statements ---
 
     @staticmethod
@@ -155,8 +173,28 @@ class ContextDB:
         return ("UPDATE conversations SET last_active = ? WHERE key = ?", (last_active, key))
 
     @staticmethod
+    def link_replies(
+        message_ids: Iterable[str], scope: str, user: str, key: str, keep: int
+    ) -> list[Statement]:
+        """Point each message at the (scope, user) conversation; then keep the newest `keep` links."""
+        statements: list[Statement] = [
+            (
+                "INSERT INTO reply_links (message_id, scope, user, key) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(message_id) DO UPDATE SET scope = excluded.scope, user = excluded.user, "
+                "key = excluded.key",
+                (m, scope, user, key),
+            )
+            for m in message_ids
+        ]
+        statements.append(
+            ("DELETE FROM reply_links WHERE id <= (SELECT max(id) FROM reply_links) - ?", (keep,))
+        )
+        return statements
+
+    @staticmethod
     def delete_conversation(key: str) -> list[Statement]:
         return [
+            ("DELETE FROM reply_links WHERE key = ?", (key,)),
             ("DELETE FROM turns WHERE key = ?", (key,)),
             ("DELETE FROM conversations WHERE key = ?", (key,)),
         ]
@@ -167,6 +205,7 @@ class ContextDB:
         return [
             ("DELETE FROM turns WHERE key IN (SELECT key FROM conversations WHERE user = ?)", (user,)),
             ("DELETE FROM conversations WHERE user = ?", (user,)),
+            ("DELETE FROM reply_links WHERE user = ?", (user,)),
             ("DELETE FROM graph_edges WHERE user = ? OR other = ?", (user, user)),
         ]
 

@@ -3,6 +3,9 @@
 dpytest stands in for Discord's servers; the bot, its handlers, the pipeline and the
 Ray actors behind it are the real ones. Interaction responses (slash commands) go to a
 recording webhook adapter, Discord's HTTP side for interactions, which dpytest lacks.
+These are the unit-level cases, on the unsharded `RaycordClient` (dpytest refuses sharded
+clients); the wire-level ones drive `raycord run` against `raycord fake-discord`
+(tests/test_discord_wire.py, _restart.py, _shards.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
 from actors.ratelimit import RateLimitConfig, WindowLimits
 from bot.config import DiscordSettings, Settings
-from bot.discord_app import ForgetConfirm, RaycordBot, RaycordCommands, StreamedReply
+from bot.discord_app import ForgetConfirm, RaycordClient, RaycordCommands, StreamedReply
 from bot.discord_text import DISCORD_LIMIT
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime
@@ -32,11 +35,11 @@ from tests.conftest import make_settings
 _ids = itertools.count(1_000_000_000_000_000_001)
 
 
-async def start_bot(settings: Settings, pipeline: ChatPipeline) -> RaycordBot:
+async def start_bot(settings: Settings, pipeline: ChatPipeline) -> RaycordClient:
     # dpytest keeps its fake members in the member cache, which needs the members intent
     intents = discord.Intents.default()
     intents.members = True
-    bot = RaycordBot(settings, pipeline, intents=intents)
+    bot = RaycordClient(settings, pipeline, intents=intents)
     await bot._async_setup_hook()
     dpytest.configure(bot, members=2)
     # dpytest's state predates discord.py setting the loop at login (typing() needs it)
@@ -46,7 +49,7 @@ async def start_bot(settings: Settings, pipeline: ChatPipeline) -> RaycordBot:
 
 
 @pytest_asyncio.fixture
-async def bot(runtime: Runtime) -> AsyncIterator[RaycordBot]:
+async def bot(runtime: Runtime) -> AsyncIterator[RaycordClient]:
     assert runtime.pipeline is not None
     settings = runtime.settings.model_copy(
         update={"discord": DiscordSettings(edit_interval_seconds=0, admin_user_ids=[])}
@@ -56,7 +59,7 @@ async def bot(runtime: Runtime) -> AsyncIterator[RaycordBot]:
     await dpytest.empty_queue()
 
 
-def mention(bot: RaycordBot, text: str) -> str:
+def mention(bot: RaycordClient, text: str) -> str:
     assert bot.user is not None
     return f"<@{bot.user.id}> {text}"
 
@@ -68,20 +71,20 @@ def sent_messages(channel: discord.abc.Messageable) -> list[dict[str, Any]]:
     return backend.messages.setdefault(channel.id, [])  # type: ignore[attr-defined]
 
 
-def bot_replies(bot: RaycordBot, channel: discord.abc.Messageable) -> list[str]:
+def bot_replies(bot: RaycordClient, channel: discord.abc.Messageable) -> list[str]:
     """What the bot has in the channel now, after every edit."""
     assert bot.user is not None
     stored = sent_messages(channel)
     return [m["content"] for m in stored if int(m["author"]["id"]) == bot.user.id]
 
 
-async def settle(bot: RaycordBot) -> None:
+async def settle(bot: RaycordClient) -> None:
     await dpytest.run_all_events()
     await bot.pipeline.writes.drain(10)
 
 
 @pytest.mark.asyncio
-async def test_a_mention_gets_a_reply(bot: RaycordBot) -> None:
+async def test_a_mention_gets_a_reply(bot: RaycordClient) -> None:
     channel = dpytest.get_config().channels[0]
     await dpytest.message(mention(bot, "what is a ray actor?"), channel=channel)
     replies = bot_replies(bot, channel)
@@ -90,7 +93,7 @@ async def test_a_mention_gets_a_reply(bot: RaycordBot) -> None:
 
 
 @pytest.mark.asyncio
-async def test_messages_not_for_the_bot_are_ignored(bot: RaycordBot) -> None:
+async def test_messages_not_for_the_bot_are_ignored(bot: RaycordClient) -> None:
     channel = dpytest.get_config().channels[0]
     await dpytest.message("just chatting with friends", channel=channel)
     assert bot_replies(bot, channel) == []
@@ -98,7 +101,7 @@ async def test_messages_not_for_the_bot_are_ignored(bot: RaycordBot) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_dm_gets_a_reply(bot: RaycordBot) -> None:
+async def test_a_dm_gets_a_reply(bot: RaycordClient) -> None:
     member = dpytest.get_config().members[0]
     dm = await member.create_dm()
     await dpytest.message("hello in private", channel=dm, member=member)
@@ -107,7 +110,7 @@ async def test_a_dm_gets_a_reply(bot: RaycordBot) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_reply_chain_keeps_its_context(bot: RaycordBot) -> None:
+async def test_a_reply_chain_keeps_its_context(bot: RaycordClient) -> None:
     config = dpytest.get_config()
     channel, member = config.channels[0], config.members[1]
     await dpytest.message(mention(bot, "my name is Ada"), channel=channel, member=member)
@@ -126,7 +129,7 @@ async def test_a_reply_chain_keeps_its_context(bot: RaycordBot) -> None:
 
 
 @pytest.mark.asyncio
-async def test_generated_everyone_pings_no_one(bot: RaycordBot, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_generated_everyone_pings_no_one(bot: RaycordClient, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[dict[str, Any] | None] = []
     original = discord.abc.handle_message_parameters
 
@@ -148,7 +151,7 @@ async def test_generated_everyone_pings_no_one(bot: RaycordBot, monkeypatch: pyt
 
 
 @pytest.mark.asyncio
-async def test_a_5000_character_answer_with_code_is_split_into_valid_messages(bot: RaycordBot) -> None:
+async def test_a_5000_character_answer_with_code_is_split_into_valid_messages(bot: RaycordClient) -> None:
     channel = dpytest.get_config().channels[0]
     source = await dpytest.message("long one please", channel=channel)
     code = "\n".join(f"print({i})  # line {i}" for i in range(220))
@@ -198,7 +201,7 @@ async def test_a_rate_limited_user_is_told_when_to_ask_again(ray_session: None, 
 
 
 @pytest.mark.asyncio
-async def test_a_non_image_attachment_is_refused_politely(bot: RaycordBot, tmp_path: Path) -> None:
+async def test_a_non_image_attachment_is_refused_politely(bot: RaycordClient, tmp_path: Path) -> None:
     channel = dpytest.get_config().channels[0]
     doc = tmp_path / "notes.txt"
     doc.write_text("hello")
@@ -235,6 +238,30 @@ class RecordingAdapter(AsyncWebhookAdapter):
         self.calls.append((route.method, route.path, body))
         if route.path.endswith("/callback"):
             return {"interaction": {"id": str(next(_ids)), "type": 2}}
+        if route.method == "POST" and route.path.startswith("/webhooks/"):
+            # an interaction follow-up: discord.py waits for the message Discord returns
+            return {
+                "id": str(next(_ids)),
+                "channel_id": str(dpytest.get_config().channels[0].id),
+                "author": {
+                    "id": str(next(_ids)),
+                    "username": "raycord",
+                    "discriminator": "0",
+                    "avatar": None,
+                },
+                "content": body.get("content", ""),
+                "timestamp": "2024-01-01T00:00:00+00:00",
+                "edited_timestamp": None,
+                "tts": False,
+                "mention_everyone": False,
+                "mentions": [],
+                "mention_roles": [],
+                "attachments": [],
+                "embeds": [],
+                "pinned": False,
+                "type": 0,
+                "flags": body.get("flags", 0),
+            }
         return None
 
     def texts(self) -> list[str]:
@@ -247,7 +274,7 @@ class RecordingAdapter(AsyncWebhookAdapter):
 
 
 def interaction_data(
-    bot: RaycordBot, member: discord.Member, kind: int, data: dict[str, Any]
+    bot: RaycordClient, member: discord.Member, kind: int, data: dict[str, Any]
 ) -> dict[str, Any]:
     """An interaction of `kind` (2: slash command, 3: component) from `member` in the
     first channel, as Discord's gateway delivers it."""
@@ -289,7 +316,9 @@ def interaction_data(
     }
 
 
-async def invoke(bot: RaycordBot, command: str, member: discord.Member, **options: str) -> RecordingAdapter:
+async def invoke(
+    bot: RaycordClient, command: str, member: discord.Member, **options: str
+) -> RecordingAdapter:
     """Run a slash command as `member`; the adapter holds what the bot answered."""
     command_data = {
         "id": str(next(_ids)),
@@ -308,7 +337,9 @@ async def invoke(bot: RaycordBot, command: str, member: discord.Member, **option
     return adapter
 
 
-async def click(bot: RaycordBot, button: discord.ui.Button[Any], member: discord.Member) -> RecordingAdapter:
+async def click(
+    bot: RaycordClient, button: discord.ui.Button[Any], member: discord.Member
+) -> RecordingAdapter:
     """Press `button` as `member`; the adapter holds what the bot answered."""
     adapter = RecordingAdapter()
     token = async_context.set(adapter)
@@ -322,7 +353,7 @@ async def click(bot: RaycordBot, button: discord.ui.Button[Any], member: discord
 
 
 @pytest.mark.asyncio
-async def test_slash_ask_answers_and_is_cached_per_server(bot: RaycordBot) -> None:
+async def test_slash_ask_answers_and_is_cached_per_server(bot: RaycordClient) -> None:
     member = dpytest.get_config().members[0]
     question = f"what is ray? {next(_ids)}"
     llm = bot.pipeline.llm
@@ -340,7 +371,7 @@ async def test_slash_ask_answers_and_is_cached_per_server(bot: RaycordBot) -> No
 
 
 @pytest.mark.asyncio
-async def test_slash_reset_and_forget_clear_memory(bot: RaycordBot) -> None:
+async def test_slash_reset_and_forget_clear_memory(bot: RaycordClient) -> None:
     config = dpytest.get_config()
     channel, member = config.channels[0], config.members[0]
     await dpytest.message(mention(bot, "remember me"), channel=channel, member=member)
@@ -358,7 +389,7 @@ async def test_slash_reset_and_forget_clear_memory(bot: RaycordBot) -> None:
 
 @pytest.mark.asyncio
 async def test_the_forget_button_deletes_conversations_and_cached_replies_for_its_user_only(
-    bot: RaycordBot,
+    bot: RaycordClient,
 ) -> None:
     config = dpytest.get_config()
     channel, member, other = config.channels[0], config.members[0], config.members[1]
@@ -391,7 +422,7 @@ async def test_the_forget_button_deletes_conversations_and_cached_replies_for_it
 
 
 @pytest.mark.asyncio
-async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bot: RaycordBot) -> None:
+async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bot: RaycordClient) -> None:
     member = dpytest.get_config().members[0]
     limits = await invoke(bot, "limits", member)
     assert "minute:" in limits.texts()[0] and "left" in limits.texts()[0]
