@@ -110,6 +110,9 @@ class BotProcess:
                 "RAYCORD_DISCORD_TOKEN": TOKEN,
                 "RAYCORD_DASHBOARD": "false",
                 "RAYCORD_LLM__BACKEND": "offline",
+                # every piece of a reply crosses from the gateway as it comes, so a reply
+                # streams in several edits, as a real model's does
+                "RAYCORD_LLM__STREAM_INTERVAL_SECONDS": "0",
                 "RAYCORD_NAMESPACE": namespace,
             }
         )

@@ -92,6 +92,8 @@ class OfflineBackend:
             text = " ".join(words[i : i + step]) + ("" if last else " ")
             usage = (result.tokens_in, result.tokens_out, 0, 0) if last else None
             yield Chunk(text, True, "STOP" if last else None, None, usage)
+            # pieces arrive one at a time, as a network stream's do
+            await asyncio.sleep(0)
 
     async def aclose(self) -> None:
         return None
