@@ -1,7 +1,7 @@
 """The load test: N simulated users against the real pipeline on Ray, then the same load
 against the naive "before" pipeline, in one command, with every figure as a ratio.
 
-`raycord loadtest` and `python -m bench.loadtest` run it; results go to
+`python -m bench.loadtest` and `python -m bench.loadtest` run it; results go to
 bench/results/<name>.json, <name>.md and <name>.png (BENCHMARKS.md quotes them).
 """
 
@@ -602,7 +602,7 @@ def run(
     summary["rss_series"] = {label: r.rss for label, r in runs.items()}
     summary["floors"] = watch.result
     write_results(name, summary, out_dir)
-    command = " ".join(["raycord loadtest", *sys.argv[1:]]) if size != "tiny" else "tiny smoke run"
+    command = " ".join(["python -m bench.loadtest", *sys.argv[1:]]) if size != "tiny" else "tiny smoke run"
     (out_dir / f"{name}.md").write_text(markdown(name, cfg, summary, command))
     plot(runs, out_dir / name)
     return summary
@@ -611,7 +611,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     from bot.cli import ToolParser
 
-    parser = ToolParser(prog="raycord loadtest", description=__doc__)
+    parser = ToolParser(prog="python -m bench.loadtest", description=__doc__)
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--ramp-up", type=float, default=5.0)
@@ -629,7 +629,11 @@ def main(argv: list[str] | None = None) -> int:
         llm_latency=args.llm_latency,
         think=args.think,
     )
-    print(markdown(args.name or "loadtest", LoadConfig(**summary["config"]), summary, "raycord loadtest"))
+    print(
+        markdown(
+            args.name or "loadtest", LoadConfig(**summary["config"]), summary, "python -m bench.loadtest"
+        )
+    )
     return 0
 
 

@@ -63,7 +63,7 @@ class Run:
 
     def shown(self) -> str:
         """The command as BENCHMARKS.md shows it."""
-        prefix = "raycord loadtest" if self.module == "bench.loadtest" else f"python -m {self.module}"
+        prefix = f"python -m {self.module}"
         return " ".join([prefix, *self.args])
 
     def result_name(self, tiny: bool) -> str:

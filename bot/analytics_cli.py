@@ -30,7 +30,7 @@ FORMATS = ("table", "csv", "json")
 
 
 def add_analytics_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: argparse._SubParsersAction[Any],
     common: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     parser = sub.add_parser(

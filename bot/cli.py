@@ -1,5 +1,6 @@
-"""The `raycord` command: run, chat, config, status, analytics, discord, fake-gemini, fake-discord,
-loadtest."""
+"""The `raycord` command: run, chat, config, status, analytics, discord, fake-gemini, fake-discord.
+
+The load test is `python -m bench.loadtest`: benchmarks sit above the bot, not inside it."""
 
 from __future__ import annotations
 
@@ -62,9 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     discord_cmd = sub.add_parser("discord", help="Discord housekeeping: `raycord discord sync`")
     _common(discord_cmd)
     discord_cmd.add_argument("action", choices=["sync"], help="sync: register the slash commands now")
-    sub.add_parser(
-        "loadtest", help="load test: raycord against the naive pipeline (see --help)", add_help=False
-    )
     return parser
 
 
@@ -167,10 +165,6 @@ def _usable_state_dir(settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["loadtest"]:
-        from bench.loadtest import main as loadtest_main
-
-        return loadtest_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the subcommand that got them, as argparse says its other errors

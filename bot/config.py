@@ -127,9 +127,9 @@ class QuotaSettings(ModelQuota):
 
         def pick(name: str) -> int | None:
             for source in (own, self, base):
-                value = getattr(source, name)
+                value: int | None = getattr(source, name)
                 if value is not None:
-                    return value  # type: ignore[no-any-return]
+                    return value
             return None
 
         return ModelQuota(

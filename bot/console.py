@@ -14,7 +14,7 @@ import re
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 from actors.errors import RaycordError
 from actors.schemas import IncomingMessage, WindowUsage
@@ -125,8 +125,9 @@ class ConsoleChat:
 
         threading.Thread(target=read, name="raycord-console-input", daemon=True).start()
         stopping = asyncio.ensure_future(self._stop.wait())
+        waiting: list[asyncio.Future[Any]] = [answer, stopping]
         try:
-            await asyncio.wait({answer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
         return answer.result() if answer.done() else None

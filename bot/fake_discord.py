@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -153,7 +154,7 @@ class FakeDiscord:
 
     def add_channel(self, guild_id: str, name: str, dispatch: bool = True) -> dict[str, Any]:
         guild = self._guild(guild_id)
-        channel = {
+        channel: dict[str, Any] = {
             "id": self.snowflake(),
             "type": 0,
             "guild_id": guild_id,
@@ -275,9 +276,9 @@ class FakeDiscord:
         author: dict[str, Any],
         content: str,
         *,
-        mentions: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        mentions: Sequence[dict[str, Any]] = (),
         reference: str | None = None,
-        attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
+        attachments: Sequence[dict[str, Any]] = (),
         flags: int = 0,
         interaction_id: str | None = None,
         components: list[Any] | None = None,
@@ -550,7 +551,8 @@ class FakeDiscord:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith(API):
-            return await handler(request)
+            passed: web.StreamResponse = await handler(request)
+            return passed
         info = request.match_info
         route = info.route.resource.canonical if info.route.resource is not None else request.path
         route = route.removeprefix(API)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -31,6 +31,7 @@ from bot.llm.gateway import GatewayClient, GatewayConfig, LLMGateway, default_mo
 from bot.pipeline import ChatPipeline
 
 log = logging.getLogger(__name__)
+C = TypeVar("C", bound=ShardedClient)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +161,7 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     shards = getattr(config, "shards", 1) if spec.shardable else 1
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
-    remote_cls = ray.remote(spec.cls)
+    remote_cls: Any = ray.remote(spec.cls)
     placement: dict[str, Any] = {}
     if cluster_mode(settings):
         # on a cluster the services outlive any one front-end, and shards of one service
@@ -240,19 +241,26 @@ class Runtime:
                 self.clients[spec.name] = spec.client(handles)
         # every replica answers before the front-end takes traffic
         await asyncio.gather(*(h.ping.remote() for hs in self.handles.values() for h in hs))
-        llm: LLM = self._llm or self.clients["llm"]  # type: ignore[assignment]
+        llm: LLM = self._llm or self.client("llm", GatewayClient)
         self.pipeline = ChatPipeline(
             self.settings,
-            cache=self.clients["cache"],  # type: ignore[arg-type]
-            context=self.clients["context"],  # type: ignore[arg-type]
-            limiter=self.clients["ratelimit"],  # type: ignore[arg-type]
-            analytics=self.clients["analytics"],  # type: ignore[arg-type]
+            cache=self.client("cache", CacheClient),
+            context=self.client("context", ContextClient),
+            limiter=self.client("ratelimit", RateLimitClient),
+            analytics=self.client("analytics", AnalyticsClient),
             llm=llm,
         )
         if self.owns_ray:
             # `raycord status` and `raycord analytics` find this Ray from the state directory
             record_bot(self.settings, self.dashboard_url)
         return self.pipeline
+
+    def client(self, name: str, kind: type[C]) -> C:
+        """The started client of service `name`, as the type it was made."""
+        found = self.clients[name]
+        if not isinstance(found, kind):
+            raise TypeError(f"the {name} client is a {type(found).__name__}, not a {kind.__name__}")
+        return found
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Drain the pipeline's background writes, then make every service durable."""

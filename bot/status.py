@@ -105,7 +105,8 @@ class Snapshot:
 def replica_count(settings: Settings, service: str) -> int:
     if service == "analytics":  # DuckDB allows one writing process: never sharded
         return 1
-    return getattr(settings, service).shards
+    shards: int = getattr(settings, service).shards
+    return shards
 
 
 async def _ask(handle: Any, method: str, *args: Any) -> Any:
@@ -217,7 +218,7 @@ def _memory(r: ReplicaStatus, rss: int) -> str:
 
 
 def _sum(rows: list[ReplicaStatus], name: str) -> float:
-    return sum(getattr(r.stats, name) for r in rows if r.stats is not None)
+    return float(sum(getattr(r.stats, name) for r in rows if r.stats is not None))
 
 
 def render(snapshot: Snapshot, settings: Settings) -> Group:
