@@ -26,6 +26,7 @@ from actors.ratelimit import RateLimitClient, RateLimiter
 from bot.config import Settings
 from bot.llm import LLM, OfflineResponder
 from bot.pipeline import ChatPipeline
+from storage.postgres import PgTarget
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class ServiceSpec:
     #: DuckDB allows one writing process, so the analytics sink is never sharded
     shardable: bool = True
 
+
+#: the services whose state `state_url` moves to PostgreSQL
+POSTGRES_SERVICES = frozenset({"context", "ratelimit"})
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("cache", ResponseCache, CacheClient, "cache"),
@@ -93,18 +97,35 @@ def cluster_mode(settings: Settings) -> bool:
     return settings.ray_address is not None
 
 
+def placement(settings: Settings, spec: ServiceSpec) -> dict[str, Any]:
+    """Where a service's replicas may run (Ray actor options).
+
+    On a cluster the services outlive any one front-end, and shards of one service go to
+    different nodes so a node's death takes down as few of them as possible. A store whose
+    state is in PostgreSQL holds nothing a node must keep, so it may run on any node."""
+    if not cluster_mode(settings):
+        return {}
+    return {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+
+
+def state_location(settings: Settings, spec: ServiceSpec) -> Path | PgTarget:
+    """The state a service's replicas open: PostgreSQL for the context store and the rate
+    limiter when `state_url` is set, the state directory otherwise (analytics: DuckDB)."""
+    location = settings.state_location()
+    if isinstance(location, PgTarget) and spec.name in POSTGRES_SERVICES:
+        return location
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state_dir
+
+
 def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     """Get or create the replicas of one service, by name, in the configured namespace."""
     config = getattr(settings, spec.config_attr)
     shards = getattr(config, "shards", 1) if spec.shardable else 1
-    state_dir = settings.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state = state_location(settings, spec)
     remote_cls = ray.remote(spec.cls)
-    placement: dict[str, Any] = {}
-    if cluster_mode(settings):
-        # on a cluster the services outlive any one front-end, and shards of one service
-        # go to different nodes so a node's death takes down as few of them as possible
-        placement = {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+    options = placement(settings, spec)
     handles = []
     for shard in range(shards):
         handle = remote_cls.options(
@@ -114,8 +135,8 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
-            **placement,
-        ).remote(config, state_dir, shard)
+            **options,
+        ).remote(config, state, shard)
         handles.append(handle)
     return handles
 

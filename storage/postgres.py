@@ -194,6 +194,8 @@ class PgDatabase:
         self._stop_loop()
 
     def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
