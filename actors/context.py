@@ -1,5 +1,5 @@
 """ContextStore: per (scope, user) conversation windows, the per-server social graph, and
-the context the LLM receives, durable in one SQLite file per shard.
+the context the LLM receives, durable in one SQLite file (or PostgreSQL schema) per shard.
 
 A built context is cached under the conversation's version, which every write bumps,
 so `build()` never returns a stale context. Memory is bounded by a byte budget (the least
@@ -9,6 +9,7 @@ recently active conversations move to disk) and by stale cleanup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sys
@@ -22,8 +23,11 @@ from pydantic import BaseModel, Field
 
 from actors import metrics
 from actors.base import Clock, Service, ShardedClient
+from actors.errors import ServiceUnavailable
 from actors.schemas import ServiceStats, Turn
-from storage.context_db import ContextDB, EdgeRow, StoredConversation, TurnRow, db_path
+from actors.state import StateLocation, StateOpener, needs_state
+from storage.context_db import ContextDB, EdgeRow, StoredConversation, TurnRow
+from storage.postgres import PgTarget
 from storage.sqlite import Statement, SyncMode
 
 log = logging.getLogger(__name__)
@@ -206,18 +210,22 @@ class ContextStore(Service):
     def __init__(
         self,
         config: ContextConfig | None = None,
-        state_dir: Path | None = None,
+        state_dir: StateLocation | None = None,
         shard: int = 0,
         clock: Clock | None = None,
     ) -> None:
+        """`state_dir`: the directory of the shard's SQLite file, or a `PgTarget`.
+
+        Raises:
+            ValueError: no state location.
+            SchemaTooNew: the stored schema was written by a newer raycord.
+        """
         super().__init__(clock)
         if state_dir is None:
             raise ValueError("ContextStore needs a state_dir: every write is made durable there")
         self.config = config or ContextConfig()
         self.shard = shard
-        self._db = ContextDB(
-            db_path(Path(state_dir), shard), self.config.commit_delay_seconds, self.config.synchronous
-        )
+        location = state_dir if isinstance(state_dir, PgTarget) else Path(state_dir)
         #: in order of last activity (append or build), least recent first
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
         self._user_keys: dict[str, set[str]] = {}
@@ -232,17 +240,36 @@ class ContextStore(Service):
         self._user_servers: dict[str, set[str]] = {}
         self._graph_version = 0
         self._turn_total = self._char_total = self._bytes = 0
-        self._disk_conversations = self._db.count_conversations()
+        self._disk_conversations = 0
         self._last_cleanup = self.clock()
         self.built_hits = self.built_misses = 0
         self.spilled = self.reloaded = 0
         self.cleanup_runs = self.cleaned_conversations = self.cleaned_edges = 0
-        self._load_graph()
         self._maintenance_lock = asyncio.Lock()
         self._init_metrics()
+        self._state = StateOpener(lambda: self._open_state(location), f"context shard {shard}")
+        with contextlib.suppress(ServiceUnavailable):
+            # the database is down: the actor answers "restarting" and retries the open
+            self._state.get()
+
+    def _open_state(self, location: StateLocation) -> ContextDB:
+        db = ContextDB(location, self.shard, self.config.commit_delay_seconds, self.config.synchronous)
+        try:
+            self._disk_conversations = db.count_conversations()
+            self._load_graph(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @property
+    def _db(self) -> ContextDB:
+        """The shard's opened state (every public method has opened it first)."""
+        return self._state.get()
 
     # --- conversations ---
 
+    @needs_state
     async def append(self, scope: str, user: str, turns: Sequence[Turn]) -> int:
         """Add turns to the (scope, user) conversation; returns its new version once durable.
 
@@ -279,6 +306,7 @@ class ContextStore(Service):
         await self._write(key, conv, statements, failed_rows=rows)
         return version
 
+    @needs_state
     async def build(self, scope: str, user: str, server: str | None = None) -> BuiltContext:
         """The context for the (scope, user) conversation, with the user's social line in
         `server` when given. Served from the cache while nothing it depends on changed."""
@@ -315,6 +343,7 @@ class ContextStore(Service):
             self._bytes -= self._built.popitem(last=False)[1].nbytes
         return built
 
+    @needs_state
     async def reset(self, scope: str, user: str) -> bool:
         """Empty the (scope, user) conversation; True when it held turns."""
         self._ensure_maintenance()
@@ -336,6 +365,7 @@ class ContextStore(Service):
         await self._write(key, conv, statements, urgent=True)
         return had_turns
 
+    @needs_state
     async def forget(self, user: str) -> int:
         """Delete every conversation and graph edge of `user` in memory, on disk and in the
         built-context cache; returns how many conversations there were."""
@@ -365,6 +395,7 @@ class ContextStore(Service):
 
     # --- reply links ---
 
+    @needs_state
     async def link_replies(self, scope: str, user: str, message_ids: Sequence[str]) -> int:
         """Remember that `message_ids` (the bot's replies, a thread) continue the (scope, user)
         conversation; the links go with it (reset, forget, stale cleanup). Returns how many."""
@@ -379,6 +410,7 @@ class ContextStore(Service):
         )
         return len(message_ids)
 
+    @needs_state
     async def reply_scope(self, message_id: str) -> str | None:
         """The scope of the conversation `message_id` continues, or None when unknown."""
         _check_id("message_id", message_id)
@@ -386,6 +418,7 @@ class ContextStore(Service):
 
     # --- social graph ---
 
+    @needs_state
     async def record_interaction(
         self, server: str, user: str, mentions: Sequence[str] = (), reply_to: str | None = None
     ) -> int:
@@ -429,6 +462,7 @@ class ContextStore(Service):
         await self._db.write(statements)
         return len(counts)
 
+    @needs_state
     async def social(self, server: str, user: str) -> str:
         """The social line of `user` in `server` (for a client whose graph shard differs)."""
         _check_id("server", server)
@@ -437,6 +471,7 @@ class ContextStore(Service):
 
     # --- maintenance ---
 
+    @needs_state
     async def maintain(self) -> None:
         """Remove stale entries when due, move conversations to disk while over budget,
         export gauges."""
@@ -454,6 +489,9 @@ class ContextStore(Service):
 
     async def flush(self) -> None:
         """Persist last-activity times that only builds have changed."""
+        if not self._touched:
+            # nothing to write, so nothing to wait for, even with the database down
+            return
         await self._db.write(
             [ContextDB.touch_conversation(k, self._conversations[k].last_active) for k in self._touched]
         )
@@ -461,7 +499,9 @@ class ContextStore(Service):
 
     async def close(self) -> None:
         await super().close()
-        self._db.close()
+        db = self._state.opened
+        if db is not None:
+            db.close()
 
     async def stats(self) -> ContextStats:
         lookups = self.built_hits + self.built_misses
@@ -484,15 +524,17 @@ class ContextStore(Service):
             cleanup_runs=self.cleanup_runs,
             cleaned_conversations=self.cleaned_conversations,
             cleaned_edges=self.cleaned_edges,
-            commits=self._db.committer.commits,
-            syncs=self._db.committer.syncs,
-            unsynced_commits=self._db.committer.unsynced,
+            commits=0 if self._state.opened is None else self._state.opened.committer.commits,
+            syncs=0 if self._state.opened is None else self._state.opened.committer.syncs,
+            unsynced_commits=0 if self._state.opened is None else self._state.opened.committer.unsynced,
         )
 
+    @needs_state
     async def synced(self) -> None:
         """Return once every write answered so far is on disk (the next durability point)."""
         await self._db.committer.synced()
 
+    @needs_state
     async def disk_rows(self, user: str) -> tuple[int, int]:
         """Conversation rows and graph edges on disk that name `user` (to check `forget`)."""
         return self._db.user_rows(user)
@@ -674,9 +716,9 @@ class ContextStore(Service):
 
     # --- internals: social graph ---
 
-    def _load_graph(self) -> None:
+    def _load_graph(self, db: ContextDB) -> None:
         """The whole graph lives in memory (it is small: contacts are capped and cleaned)."""
-        for server, user, other, m, r, mb, rb, seen in self._db.load_edges():
+        for server, user, other, m, r, mb, rb, seen in db.load_edges():
             edge = self._edge(server, user, other)
             edge.mentioned, edge.replied, edge.mentioned_by, edge.replied_by = m, r, mb, rb
             edge.last_seen = seen

@@ -1,12 +1,14 @@
 """RateLimiter: exact per-user (and per-server) limits over minute, hour and day windows.
 
 Every key counts its allowed requests in a bucketed sliding window per window length;
-an allowed decision is returned only after its new state is group-committed to SQLite.
+an allowed decision is returned only after its new state is group-committed to SQLite
+(or PostgreSQL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from array import array
 from collections import OrderedDict
@@ -17,10 +19,14 @@ from pydantic import BaseModel, Field, field_validator
 
 from actors import metrics
 from actors.base import Clock, Service, ShardedClient
+from actors.errors import ServiceUnavailable
 from actors.schemas import MessageKind, RateDecision, ServiceStats, WindowUsage
 from actors.sharding import shard_index
+from actors.state import StateLocation, StateOpener, needs_state
 from storage import ratelimit_db
-from storage.sqlite import GroupCommitter, Statement, SyncMode
+from storage.postgres import PgTarget
+from storage.ratelimit_db import RateLimitDB
+from storage.sqlite import BatchCommitter, Statement, SyncMode
 
 US = 1_000_000
 #: the user windows; the server limit has one window of a minute
@@ -196,19 +202,29 @@ class RateLimiter(Service):
     def __init__(
         self,
         config: RateLimitConfig | None = None,
-        state_dir: Path | None = None,
+        state_dir: StateLocation | None = None,
         shard: int = 0,
         clock: Clock | None = None,
     ) -> None:
+        """`state_dir`: the directory of the shard's SQLite file, a `PgTarget`, or None
+        (an in-memory SQLite database: nothing survives the process).
+
+        Raises:
+            SchemaTooNew: the stored schema was written by a newer raycord.
+        """
         super().__init__(clock)
         self.shard = shard
         given = config or RateLimitConfig()
-        conn = ratelimit_db.open_db(ratelimit_db.db_path(state_dir, shard), given.synchronous)
         self._base_json = given.model_dump_json()
-        self._apply_config(self._stored_override(conn, given))
-        self._committer = GroupCommitter(conn, max_delay=self.config.commit_delay_ms / 1000)
+        self._apply_config(given)
         self.checks = self.allowed = self.denied = self.refunds = self.idle_dropped = 0
-        self._recover(conn)
+        #: keys whose memory state differs from what is stored (a commit of theirs failed)
+        self._unsaved: set[tuple[_Layout, str]] = set()
+        location = state_dir if isinstance(state_dir, PgTarget) or state_dir is None else Path(state_dir)
+        self._state = StateOpener(lambda: self._open_state(location, given), f"rate-limit shard {shard}")
+        with contextlib.suppress(ServiceUnavailable):
+            # the database is down: the actor answers "restarting" and retries the open
+            self._state.get()
         tags = ("shard",)
         self._tags = {"shard": str(shard)}
         self._metric_counters = {
@@ -226,12 +242,28 @@ class RateLimiter(Service):
             )
         }
 
+    def _open_state(self, location: StateLocation | None, given: RateLimitConfig) -> RateLimitDB:
+        db = RateLimitDB(location, self.shard, given.synchronous)
+        try:
+            self._apply_config(self._stored_override(db, given))
+            db.committer.max_delay = self.config.commit_delay_ms / 1000
+            self._recover(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @property
+    def _committer(self) -> BatchCommitter:
+        """The shard's opened state's committer (every public method has opened it first)."""
+        return self._state.get().committer
+
     # configuration
 
-    def _stored_override(self, conn: Any, given: RateLimitConfig) -> RateLimitConfig:
+    def _stored_override(self, db: RateLimitDB, given: RateLimitConfig) -> RateLimitConfig:
         """A live `reconfigure` survives restarts of this actor, until the deployment's
         own config changes (then the new config file is what the operator means)."""
-        raw = ratelimit_db.get_meta(conn, "override")
+        raw = db.get_meta("override")
         if raw is None:
             return given
         stored = json.loads(raw)
@@ -256,6 +288,7 @@ class RateLimiter(Service):
                 for key, state in before.states.items():
                     after.states[key] = after.fold(state.counts, state.last_us)
 
+    @needs_state
     async def reconfigure(self, config: RateLimitConfig | dict[str, Any]) -> RateLimitConfig:
         """Change limits (or buckets, commit delay) live, keeping every key's counts.
 
@@ -274,8 +307,8 @@ class RateLimiter(Service):
 
     # state
 
-    def _recover(self, conn: Any) -> None:
-        for key, last_us, blob in ratelimit_db.load_live(conn, self._now_us()):
+    def _recover(self, db: RateLimitDB) -> None:
+        for key, last_us, blob in db.load_live(self._now_us()):
             layout = self._server if key.startswith("s:") else self._user
             counts = array(_COUNT_CODE)
             counts.frombytes(blob)
@@ -346,6 +379,7 @@ class RateLimiter(Service):
             statements.append(layout.statement(key, state))
         return RateDecision(allowed=True, remaining=remaining), statements
 
+    @needs_state
     async def check_part(
         self, user: str | None, kind: MessageKind = "message", server: str | None = None
     ) -> tuple[RateDecision, int]:
@@ -357,7 +391,8 @@ class RateLimiter(Service):
         """
         self._ensure_maintenance()
         now_us = self._now_us()
-        decision, statements = self._decide(self._targets(user, kind, server), now_us)
+        targets = self._targets(user, kind, server)
+        decision, statements = self._decide(targets, now_us)
         self.checks += 1
         if decision.allowed:
             self.allowed += 1
@@ -365,9 +400,41 @@ class RateLimiter(Service):
             self.denied += 1
         if statements:
             # a denial changes nothing, so only an allowance waits for the disk
-            await self._committer.write(statements)
+            try:
+                await self._committer.write(statements)
+            except Exception:
+                # the caller is told the check failed: it must not count, now or when retried
+                self._take_back(targets, now_us)
+                raise
         return decision, now_us
 
+    def _take_back(self, targets: list[tuple[_Layout, str, tuple[int, ...]]], at_us: int) -> None:
+        """Uncount a decision whose commit failed. A later commit may have stored the count
+        already (its statement was built first): the key is rewritten by the next flush."""
+        self.allowed -= 1
+        for layout, key, _ in targets:
+            state = layout.states.get(key)
+            if state is not None and layout.refund(state, at_us):
+                self._unsaved.add((layout, key))
+
+    def _unsaved_statements(self) -> list[Statement]:
+        statements = []
+        for layout, key in self._unsaved:
+            state = layout.states.get(key)
+            statements.append(ratelimit_db.delete(key) if state is None else layout.statement(key, state))
+        return statements
+
+    async def flush(self) -> None:
+        """Store the keys whose last commit failed, as memory holds them."""
+        if not self._unsaved:
+            # nothing to write, so nothing to wait for, even with the database down
+            return
+        unsaved, statements = set(self._unsaved), self._unsaved_statements()
+        if statements:
+            await self._committer.write(statements)
+            self._unsaved -= unsaved
+
+    @needs_state
     async def check(
         self, user: str, kind: MessageKind = "message", server: str | None = None
     ) -> RateDecision:
@@ -382,6 +449,7 @@ class RateLimiter(Service):
         decision, _ = await self.check_part(user, kind, server)
         return decision
 
+    @needs_state
     async def usage(self, user: str | None, server: str | None = None) -> list[WindowUsage]:
         """The budgets of `user` (messages and commands) and of `server`, each of those this
         shard owns: used, left and when each window frees. Counts nothing.
@@ -411,6 +479,7 @@ class RateLimiter(Service):
                 )
         return report
 
+    @needs_state
     async def refund(self, user: str | None, kind: MessageKind, server: str | None, at_us: int) -> bool:
         """Take back a request allowed at `at_us` by `check_part` (the other shard denied it)."""
         statements = []
@@ -423,6 +492,7 @@ class RateLimiter(Service):
             await self._committer.write(statements)
         return bool(statements)
 
+    @needs_state
     async def reset(self, user: str) -> int:
         """Forget every count of `user` (messages and commands); returns the keys removed."""
         statements = []
@@ -434,6 +504,7 @@ class RateLimiter(Service):
             await self._committer.write(statements)
         return len(statements)
 
+    @needs_state
     async def maintain(self) -> None:
         """Drop drained keys from memory and disk (oldest first, so cost follows what goes)."""
         now_us = self._now_us()
@@ -450,6 +521,7 @@ class RateLimiter(Service):
         self._report_metrics()
         if statements:
             await self._committer.write(statements)
+        await self.flush()
 
     def _report_metrics(self) -> None:
         stats = self._stats()
@@ -462,7 +534,8 @@ class RateLimiter(Service):
             gauge.set(getattr(stats, name), tags=self._tags)
 
     def _stats(self) -> RateLimitStats:
-        commits = self._committer.commits
+        db = self._state.opened
+        commits = 0 if db is None else db.committer.commits
         return RateLimitStats(
             service="ratelimit",
             shard=self.shard,
@@ -474,20 +547,23 @@ class RateLimiter(Service):
             idle_dropped=self.idle_dropped,
             commits=commits,
             checks_per_commit=self.checks / commits if commits else 0.0,
-            syncs=self._committer.syncs,
-            unsynced_commits=self._committer.unsynced,
+            syncs=0 if db is None else db.committer.syncs,
+            unsynced_commits=0 if db is None else db.committer.unsynced,
         )
 
     async def stats(self) -> RateLimitStats:
         return self._stats()
 
+    @needs_state
     async def synced(self) -> None:
         """Return once every decision answered so far is on disk (the next durability point)."""
         await self._committer.synced()
 
     async def close(self) -> None:
         await super().close()
-        self._committer.close()
+        db = self._state.opened
+        if db is not None:
+            db.close()
 
 
 def _merge(first: RateDecision, second: RateDecision) -> RateDecision:

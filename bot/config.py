@@ -31,6 +31,7 @@ from actors.analytics import AnalyticsConfig
 from actors.cache import CacheConfig
 from actors.context import ContextConfig
 from actors.ratelimit import RateLimitConfig
+from storage.postgres import PgTarget
 
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
 
@@ -264,9 +265,16 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         populate_by_name=True,
+        # a rejected value may be a secret (a token, a state URL with a password in it)
+        hide_input_in_errors=True,
     )
 
     state_dir: Path = Path(".raycord")
+    #: `postgresql://user@host:port/db`: the context store and the rate limiter keep their
+    #: state there instead of SQLite files in `state_dir` (analytics stays in DuckDB)
+    state_url: str | None = None
+    #: the state database's password; None leaves it to libpq's `.pgpass` (or none)
+    state_password: SecretStr | None = None
     #: Ray address to connect to; None starts an embedded Ray
     ray_address: str | None = None
     namespace: str = "raycord"
@@ -327,6 +335,22 @@ class Settings(BaseSettings):
         finally:
             _yaml_file.reset(token)
 
+    @field_validator("state_url")
+    @classmethod
+    def _state_url_is_postgres(cls, value: str | None) -> str | None:
+        if value is not None:
+            # the message never holds the URL: it might hold a password
+            PgTarget(value)
+        return value
+
+    def state_location(self) -> Path | PgTarget:
+        """Where the stateful actors keep their state: the PostgreSQL database, or the
+        state directory's SQLite files."""
+        if self.state_url is None:
+            return self.state_dir.resolve()
+        password = self.state_password.get_secret_value() if self.state_password else None
+        return PgTarget(self.state_url, password)
+
     def llm_backend(self) -> Literal["gemini", "offline"]:
         if self.llm.backend == "auto":
             return "gemini" if self.gemini_api_key or self.llm.base_url else "offline"
@@ -335,6 +359,6 @@ class Settings(BaseSettings):
     def masked_json(self) -> str:
         """The effective configuration, secrets masked, as JSON."""
         data = self.model_dump(mode="json")
-        for name in ("discord_token", "gemini_api_key"):
+        for name in ("discord_token", "gemini_api_key", "state_password"):
             data[name] = "**********" if getattr(self, name) else None
         return json.dumps(data, indent=2, default=str)

@@ -29,6 +29,7 @@ from bot.config import Settings
 from bot.llm import LLM
 from bot.llm.gateway import GatewayClient, GatewayConfig, LLMGateway, default_model
 from bot.pipeline import ChatPipeline
+from storage.postgres import PgTarget
 
 log = logging.getLogger(__name__)
 C = TypeVar("C", bound=ShardedClient)
@@ -46,6 +47,9 @@ class ServiceSpec:
     #: builds the service's config from the settings, when it needs more than one section
     config_of: Callable[[Settings], Any] | None = None
 
+
+#: the services whose state `state_url` moves to PostgreSQL
+POSTGRES_SERVICES = frozenset({"context", "ratelimit"})
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("cache", ResponseCache, CacheClient, "cache"),
@@ -155,18 +159,35 @@ def cluster_mode(settings: Settings) -> bool:
     return settings.ray_address is not None
 
 
+def placement(settings: Settings, spec: ServiceSpec) -> dict[str, Any]:
+    """Where a service's replicas may run (Ray actor options).
+
+    On a cluster the services outlive any one front-end, and shards of one service go to
+    different nodes so a node's death takes down as few of them as possible. A store whose
+    state is in PostgreSQL holds nothing a node must keep, so it may run on any node."""
+    if not cluster_mode(settings):
+        return {}
+    return {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+
+
+def state_location(settings: Settings, spec: ServiceSpec) -> Path | PgTarget:
+    """The state a service's replicas open: PostgreSQL for the context store and the rate
+    limiter when `state_url` is set, the state directory otherwise (analytics: DuckDB)."""
+    location = settings.state_location()
+    if isinstance(location, PgTarget) and spec.name in POSTGRES_SERVICES:
+        return location
+    state_dir = settings.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return state_dir
+
+
 def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
     """Get or create the replicas of one service, by name, in the configured namespace."""
     config = spec.config_of(settings) if spec.config_of else getattr(settings, spec.config_attr)
     shards = getattr(config, "shards", 1) if spec.shardable else 1
-    state_dir = settings.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state = state_location(settings, spec)
     remote_cls: Any = ray.remote(spec.cls)
-    placement: dict[str, Any] = {}
-    if cluster_mode(settings):
-        # on a cluster the services outlive any one front-end, and shards of one service
-        # go to different nodes so a node's death takes down as few of them as possible
-        placement = {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+    options = placement(settings, spec)
     handles = []
     for shard in range(shards):
         handle = remote_cls.options(
@@ -176,8 +197,8 @@ def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
             num_cpus=0,
             max_restarts=-1,
             max_concurrency=1000,
-            **placement,
-        ).remote(config, state_dir, shard)
+            **options,
+        ).remote(config, state, shard)
         handles.append(handle)
     return handles
 

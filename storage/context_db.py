@@ -1,21 +1,31 @@
-"""The context store's SQLite file: schema and every statement the ContextStore runs.
+"""The context store's durable state: schema and every statement the ContextStore runs.
 
-One file per shard (`context-<shard>.sqlite`): conversations with their turns, the
-links from front-end messages to conversations, and the social graph's edges. Writes go
-through a `GroupCommitter`; reads use their own WAL connection so they never wait for a
-commit in flight.
+One SQLite file per shard (`context-<shard>.sqlite`), or one PostgreSQL schema per shard
+(`context_<shard>`): conversations with their turns, the links from front-end messages to
+conversations, and the social graph's edges. Writes go through a group committer; reads
+use their own connection so they never wait for a commit in flight. The statements are
+portable SQL (see `storage.postgres`).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from storage.sqlite import GroupCommitter, Statement, SyncMode, open_sqlite
+from storage.migrations import Migration, migrate_sqlite
+from storage.postgres import PgCommitter, PgDatabase, PgTarget
+from storage.sqlite import BatchCommitter, GroupCommitter, Statement, SyncMode, open_sqlite
 
-SCHEMA = """
+STORE = "context"
+
+#: the context store's schema, oldest first; a new table is one more `Migration`
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        sqlite="""
 CREATE TABLE IF NOT EXISTS conversations (
     key TEXT PRIMARY KEY,
     scope TEXT NOT NULL,
@@ -49,8 +59,49 @@ CREATE TABLE IF NOT EXISTS graph_edges (
 CREATE INDEX IF NOT EXISTS graph_edges_by_user ON graph_edges(user);
 CREATE INDEX IF NOT EXISTS graph_edges_by_other ON graph_edges(other);
 CREATE INDEX IF NOT EXISTS graph_edges_by_last_seen ON graph_edges(last_seen);
--- a front-end message (a bot reply, a thread) -> the conversation it belongs to; rows go
--- with their conversation, and the oldest go first past the bound
+""",
+        # "user" is a reserved word in PostgreSQL, hence quoted (in the statements too)
+        postgres="""
+CREATE TABLE conversations (
+    key TEXT PRIMARY KEY,
+    scope TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    last_active DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX conversations_by_user ON conversations("user");
+CREATE INDEX conversations_by_last_active ON conversations(last_active);
+-- the identity orders turns by arrival: one committer issues them in the store's order
+CREATE TABLE turns (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key TEXT NOT NULL,
+    role TEXT NOT NULL,
+    author TEXT NOT NULL,
+    text TEXT NOT NULL,
+    time DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX turns_by_key ON turns(key, id);
+CREATE TABLE graph_edges (
+    server TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    other TEXT NOT NULL,
+    mentioned BIGINT NOT NULL,
+    replied BIGINT NOT NULL,
+    mentioned_by BIGINT NOT NULL,
+    replied_by BIGINT NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (server, "user", other)
+);
+CREATE INDEX graph_edges_by_user ON graph_edges("user");
+CREATE INDEX graph_edges_by_other ON graph_edges(other);
+CREATE INDEX graph_edges_by_last_seen ON graph_edges(last_seen);
+""",
+    ),
+    Migration(
+        2,
+        # a front-end message (a bot reply, a thread) -> the conversation it belongs to;
+        # rows go with their conversation, and the oldest go first past the bound
+        sqlite="""
 CREATE TABLE IF NOT EXISTS reply_links (
     id INTEGER PRIMARY KEY,
     message_id TEXT NOT NULL UNIQUE,
@@ -60,7 +111,20 @@ CREATE TABLE IF NOT EXISTS reply_links (
 );
 CREATE INDEX IF NOT EXISTS reply_links_by_key ON reply_links(key);
 CREATE INDEX IF NOT EXISTS reply_links_by_user ON reply_links(user);
-"""
+""",
+        postgres="""
+CREATE TABLE reply_links (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    message_id TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL,
+    "user" TEXT NOT NULL,
+    key TEXT NOT NULL
+);
+CREATE INDEX reply_links_by_key ON reply_links(key);
+CREATE INDEX reply_links_by_user ON reply_links("user");
+""",
+    ),
+)
 
 #: (role, author, text, time) as stored
 TurnRow = tuple[str, str, str, float]
@@ -83,10 +147,36 @@ class ContextDB:
     """Statements and reads over one shard's file. Statement builders return lists for
     `write()`, so a caller can put several changes into one group commit, in order."""
 
-    def __init__(self, path: Path, commit_delay: float = 0.0, synchronous: SyncMode = "NORMAL") -> None:
-        self.path = path
-        self.committer = GroupCommitter(open_sqlite(path, SCHEMA, synchronous), max_delay=commit_delay)
-        self._reader: sqlite3.Connection = open_sqlite(path, synchronous=synchronous)
+    def __init__(
+        self,
+        state: Path | PgTarget,
+        shard: int = 0,
+        commit_delay: float = 0.0,
+        synchronous: SyncMode = "NORMAL",
+    ) -> None:
+        """Open (creating and migrating) the shard's file under the state directory
+        `state`, or its schema in the PostgreSQL database `state` names.
+
+        Raises:
+            SchemaTooNew: the stored schema was written by a newer raycord.
+            StateUnavailable: the PostgreSQL server cannot be reached.
+        """
+        self.committer: BatchCommitter
+        self._rows: Callable[..., list[tuple[Any, ...]]]
+        if isinstance(state, PgTarget):
+            db = PgDatabase(state, f"{STORE}_{shard}", STORE, MIGRATIONS)
+            self.where = db.where
+            self.committer = PgCommitter(db, max_delay=commit_delay)
+            self._rows = db.read
+            self._reader: sqlite3.Connection | None = None
+        else:
+            path = db_path(state, shard)
+            self.where = str(path)
+            conn = open_sqlite(path, synchronous=synchronous)
+            migrate_sqlite(conn, STORE, MIGRATIONS, self.where)
+            self.committer = GroupCommitter(conn, max_delay=commit_delay)
+            reader = self._reader = open_sqlite(path, synchronous=synchronous)
+            self._rows = lambda sql, params=(): reader.execute(sql, params).fetchall()
 
     async def write(self, statements: list[Statement], urgent: bool = False) -> None:
         """Run `statements` in order in the next group commit; return once durable.
@@ -97,58 +187,48 @@ class ContextDB:
     # --- reads (committed state only) ---
 
     def load_conversation(self, key: str) -> StoredConversation | None:
-        row = self._reader.execute(
-            "SELECT version, last_active FROM conversations WHERE key = ?", (key,)
-        ).fetchone()
-        if row is None:
+        rows = self._rows("SELECT version, last_active FROM conversations WHERE key = ?", (key,))
+        if not rows:
             return None
-        turns = self._reader.execute(
-            "SELECT role, author, text, time FROM turns WHERE key = ? ORDER BY id", (key,)
-        ).fetchall()
-        return StoredConversation(row[0], row[1], turns)
+        turns = self._rows("SELECT role, author, text, time FROM turns WHERE key = ? ORDER BY id", (key,))
+        return StoredConversation(rows[0][0], rows[0][1], turns)
 
     def count_conversations(self) -> int:
-        return int(self._reader.execute("SELECT count(*) FROM conversations").fetchone()[0])
+        return int(self._rows("SELECT count(*) FROM conversations")[0][0])
 
     def conversation_keys_of(self, user: str) -> list[str]:
-        rows = self._reader.execute("SELECT key FROM conversations WHERE user = ?", (user,)).fetchall()
+        rows = self._rows('SELECT key FROM conversations WHERE "user" = ?', (user,))
         return [r[0] for r in rows]
 
     def stale_conversation_keys(self, cutoff: float) -> list[str]:
         """Keys idle since before `cutoff`, found through the last-activity index."""
-        rows = self._reader.execute(
-            "SELECT key FROM conversations WHERE last_active < ?", (cutoff,)
-        ).fetchall()
+        rows = self._rows("SELECT key FROM conversations WHERE last_active < ?", (cutoff,))
         return [r[0] for r in rows]
 
     def load_edges(self) -> list[EdgeRow]:
         """Every edge, oldest first, so the caller can rebuild its last-seen order."""
-        return self._reader.execute(
-            "SELECT server, user, other, mentioned, replied, mentioned_by, replied_by, last_seen "
+        return self._rows(
+            'SELECT server, "user", other, mentioned, replied, mentioned_by, replied_by, last_seen '
             "FROM graph_edges ORDER BY last_seen"
-        ).fetchall()
+        )
 
     def user_rows(self, user: str) -> tuple[int, int]:
         """How many conversation rows and graph edges on disk mention `user` (for checks)."""
-        convs = self._reader.execute("SELECT count(*) FROM conversations WHERE user = ?", (user,)).fetchone()
-        edges = self._reader.execute(
-            "SELECT count(*) FROM graph_edges WHERE user = ? OR other = ?", (user, user)
-        ).fetchone()
-        return int(convs[0]), int(edges[0])
+        convs = self._rows('SELECT count(*) FROM conversations WHERE "user" = ?', (user,))
+        edges = self._rows('SELECT count(*) FROM graph_edges WHERE "user" = ? OR other = ?', (user, user))
+        return int(convs[0][0]), int(edges[0][0])
 
     def reply_scope(self, message_id: str) -> str | None:
-        row = self._reader.execute(
-            "SELECT scope FROM reply_links WHERE message_id = ?", (message_id,)
-        ).fetchone()
-        return None if row is None else str(row[0])
+        rows = self._rows("SELECT scope FROM reply_links WHERE message_id = ?", (message_id,))
+        return None if not rows else str(rows[0][0])
 
     # --- statements ---
 
     @staticmethod
     def upsert_conversation(key: str, scope: str, user: str, version: int, last_active: float) -> Statement:
         return (
-            "INSERT INTO conversations (key, scope, user, version, last_active) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET version = excluded.version, last_active = excluded.last_active",
+            'INSERT INTO conversations (key, scope, "user", version, last_active) VALUES (?, ?, ?, ?, ?) '
+            "ON CONFLICT (key) DO UPDATE SET version = excluded.version, last_active = excluded.last_active",
             (key, scope, user, version, last_active),
         )
 
@@ -179,8 +259,8 @@ class ContextDB:
         """Point each message at the (scope, user) conversation; then keep the newest `keep` links."""
         statements: list[Statement] = [
             (
-                "INSERT INTO reply_links (message_id, scope, user, key) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(message_id) DO UPDATE SET scope = excluded.scope, user = excluded.user, "
+                'INSERT INTO reply_links (message_id, scope, "user", key) VALUES (?, ?, ?, ?) '
+                'ON CONFLICT (message_id) DO UPDATE SET scope = excluded.scope, "user" = excluded."user", '
                 "key = excluded.key",
                 (m, scope, user, key),
             )
@@ -203,24 +283,30 @@ class ContextDB:
     def delete_user(user: str) -> list[Statement]:
         """Everything stored about `user`: conversations, turns, and graph edges either way."""
         return [
-            ("DELETE FROM turns WHERE key IN (SELECT key FROM conversations WHERE user = ?)", (user,)),
-            ("DELETE FROM conversations WHERE user = ?", (user,)),
-            ("DELETE FROM reply_links WHERE user = ?", (user,)),
-            ("DELETE FROM graph_edges WHERE user = ? OR other = ?", (user, user)),
+            ('DELETE FROM turns WHERE key IN (SELECT key FROM conversations WHERE "user" = ?)', (user,)),
+            ('DELETE FROM conversations WHERE "user" = ?', (user,)),
+            ('DELETE FROM reply_links WHERE "user" = ?', (user,)),
+            ('DELETE FROM graph_edges WHERE "user" = ? OR other = ?', (user, user)),
         ]
 
     @staticmethod
     def upsert_edge(row: EdgeRow) -> Statement:
         return (
-            "INSERT OR REPLACE INTO graph_edges "
-            "(server, user, other, mentioned, replied, mentioned_by, replied_by, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO graph_edges "
+            '(server, "user", other, mentioned, replied, mentioned_by, replied_by, last_seen) '
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            'ON CONFLICT (server, "user", other) DO UPDATE SET mentioned = excluded.mentioned, '
+            "replied = excluded.replied, mentioned_by = excluded.mentioned_by, "
+            "replied_by = excluded.replied_by, last_seen = excluded.last_seen",
             row,
         )
 
     @staticmethod
     def delete_edge(server: str, user: str, other: str) -> Statement:
-        return ("DELETE FROM graph_edges WHERE server = ? AND user = ? AND other = ?", (server, user, other))
+        return (
+            'DELETE FROM graph_edges WHERE server = ? AND "user" = ? AND other = ?',
+            (server, user, other),
+        )
 
     @staticmethod
     def delete_stale_edges(cutoff: float) -> Statement:
@@ -228,4 +314,5 @@ class ContextDB:
 
     def close(self) -> None:
         self.committer.close()
-        self._reader.close()
+        if self._reader is not None:
+            self._reader.close()

@@ -90,78 +90,58 @@ class _Batch:
     urgent: bool = False
 
 
-class GroupCommitter:
-    """One SQLite connection, one writer thread, one transaction per batch of writers, and
-    the store's durability points.
+class BatchCommitter:
+    """Group commit, whatever the database: many writers hand in statements, one thread
+    runs all that is waiting in one transaction, then wakes every writer.
 
     `max_delay` lets a commit wait briefly for more writers to join it; 0 commits as
     soon as the previous commit is done (writers that arrive meanwhile share the next).
     An urgent writer (one a user is waiting on) cuts that wait short for its batch.
-
-    `syncs` counts every sync of the store's files, where it is made: a FULL commit's,
-    a durability point's `os.fsync`, a checkpoint's.
+    A subclass runs a batch (`_commit`, on the committer's thread) and reads (`read`).
     """
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        max_delay: float = 0.0,
-        max_batch: int = 10_000,
-        durability_interval: float = DURABILITY_INTERVAL,
-        checkpoint_pages: int = CHECKPOINT_PAGES,
-    ) -> None:
-        self.conn = conn
+    def __init__(self, max_delay: float = 0.0, max_batch: int = 10_000) -> None:
         self.max_delay = max_delay
         self.max_batch = max_batch
-        self.durability_interval = durability_interval
-        self.checkpoint_pages = checkpoint_pages
-        mode = int(conn.execute("PRAGMA synchronous").fetchone()[0])
-        #: SQLite's codes: 1 NORMAL, 2 FULL, 3 EXTRA
-        self.synchronous: SyncMode = "FULL" if mode >= 2 else "NORMAL"
-        db_file = _main_file(conn)
-        self._wal_file = f"{db_file}-wal" if db_file else ""
         self._pending = _Batch()
         self._wake: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._durability: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="group-commit")
         self._lock = threading.Lock()
         self.commits = 0
         self.statements = 0
+        #: syncs of the store's files made by this committer (a database server's own
+        #: are its business, not counted here)
         self.syncs = 0
-        self.checkpoints = 0
-        #: commits not yet covered by a durability point (NORMAL only)
-        self._unsynced = 0
-        self._last_point = time.monotonic()
-        #: the next commit starts a new log (an empty or absent WAL) and syncs its header
-        self._log_start = bool(self._wal_file) and self._wal_frames() == 0
-        self._committed: asyncio.Event | None = None
-        self._synced: asyncio.Event | None = None
 
     async def write(self, statements: Iterable[Statement], urgent: bool = False) -> None:
-        """Run `statements` in the next group commit; return once it is committed (see
-        `SYNC_MODES` for when it is on disk). An `urgent` write does not wait out
-        `max_delay`."""
+        """Run `statements` in the next group commit; return once it is committed. An
+        `urgent` write does not wait out `max_delay`."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._pending.statements.extend(statements)
         self._pending.waiters.append(done)
         if self._wake is None:
-            self._wake, self._hurry, self._committed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+            self._wake, self._hurry = asyncio.Event(), asyncio.Event()
         if urgent:
             self._pending.urgent = True
             assert self._hurry is not None
             self._hurry.set()
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
-        if self._wal_file and (self._durability is None or self._durability.done()):
-            self._durability = loop.create_task(self._durability_points())
+        self._writing(loop)
         self._wake.set()
         await done
 
+    def _writing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called on each write, on the loop: a subclass starts its own periodic work."""
+
+    def _committed_batch(self) -> None:
+        """Called on the loop after each successful commit."""
+
     async def _run(self) -> None:
-        assert self._wake is not None and self._hurry is not None and self._committed is not None
+        assert self._wake is not None and self._hurry is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -180,10 +160,73 @@ class GroupCommitter:
                     if not w.done():
                         w.set_exception(exc)
                 continue
-            self._committed.set()
+            self._committed_batch()
             for w in batch.waiters:
                 if not w.done():
                     w.set_result(None)
+
+    def _commit(self, statements: list[Statement]) -> None:
+        """Run `statements` in one transaction (on the committer's thread)."""
+        raise NotImplementedError
+
+    @property
+    def unsynced(self) -> int:
+        """Commits acknowledged and not yet on disk: none unless a subclass defers syncs."""
+        return 0
+
+    async def synced(self) -> None:
+        """Return once every commit answered so far is on disk."""
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class GroupCommitter(BatchCommitter):
+    """Group commit over one SQLite connection, with the store's durability points.
+
+    `syncs` counts every sync of the store's files, where it is made: a FULL commit's,
+    a durability point's `os.fsync`, a checkpoint's.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        max_delay: float = 0.0,
+        max_batch: int = 10_000,
+        durability_interval: float = DURABILITY_INTERVAL,
+        checkpoint_pages: int = CHECKPOINT_PAGES,
+    ) -> None:
+        super().__init__(max_delay, max_batch)
+        self.conn = conn
+        self.durability_interval = durability_interval
+        self.checkpoint_pages = checkpoint_pages
+        mode = int(conn.execute("PRAGMA synchronous").fetchone()[0])
+        #: SQLite's codes: 1 NORMAL, 2 FULL, 3 EXTRA
+        self.synchronous: SyncMode = "FULL" if mode >= 2 else "NORMAL"
+        db_file = _main_file(conn)
+        self._wal_file = f"{db_file}-wal" if db_file else ""
+        self._durability: asyncio.Task[None] | None = None
+        self.checkpoints = 0
+        #: commits not yet covered by a durability point (NORMAL only)
+        self._unsynced = 0
+        self._last_point = time.monotonic()
+        #: the next commit starts a new log (an empty or absent WAL) and syncs its header
+        self._log_start = bool(self._wal_file) and self._wal_frames() == 0
+        self._committed: asyncio.Event | None = None
+        self._synced: asyncio.Event | None = None
+
+    def _writing(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._committed is None:
+            self._committed = asyncio.Event()
+        if self._wal_file and (self._durability is None or self._durability.done()):
+            self._durability = loop.create_task(self._durability_points())
+
+    def _committed_batch(self) -> None:
+        if self._committed is not None:
+            self._committed.set()
 
     def _commit(self, statements: list[Statement]) -> None:
         with self._lock:

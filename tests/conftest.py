@@ -1,13 +1,15 @@
-"""Shared fixtures: one local Ray for the whole session, and a fresh raycord runtime per test.
+"""Shared fixtures: one local Ray for the whole session, and a fresh raycord runtime per test;
+one PostgreSQL server for the session, and the state backends a test can run against.
 
-Each runtime gets its own namespace and state directory, so tests never see each
-other's actors or files while sharing one Ray.
+Each runtime gets its own namespace and state directory (or PostgreSQL database), so tests
+never see each other's actors or files while sharing one Ray and one server.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,11 @@ import pytest
 import pytest_asyncio
 import ray
 
+from bench.pgserver import PgServer, pg_bin_dir
 from bot.config import Settings
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime, init_ray
+from storage.postgres import PgTarget
 
 
 class FakeClock:
@@ -90,3 +94,45 @@ def user() -> str:
 def pipeline(runtime: Runtime) -> ChatPipeline:
     assert runtime.pipeline is not None
     return runtime.pipeline
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the session, in a temporary directory, stopped by its pid."""
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@dataclass(frozen=True, slots=True)
+class StateBackend:
+    """Where a test's stores keep their state: an SQLite state directory, or a fresh
+    PostgreSQL database of its own."""
+
+    name: str
+    location: Path | PgTarget
+
+    def settings(self) -> dict[str, Any]:
+        """`Settings` overrides that put the stateful actors on this backend."""
+        if isinstance(self.location, PgTarget):
+            return {"state_url": self.location.url, "state_password": self.location.password}
+        return {}
+
+
+#: run a test against both state backends (it takes the `backend` fixture)
+both_backends = pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest_asyncio.fixture
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateBackend:
+    """SQLite, unless the test is parametrized with `both_backends`."""
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        return StateBackend(name, tmp_path / "state")
+    server: PgServer = request.getfixturevalue("pg_server")
+    return StateBackend(name, await server.create_database(f"t_{uuid.uuid4().hex[:16]}"))

@@ -4,6 +4,7 @@ durability (store reopen, actor kill, full restart), forget, concurrency, failur
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -18,23 +19,24 @@ import pytest_asyncio
 import ray
 
 from actors.context import DAY, ContextClient, ContextConfig, ContextStore, conversation_key, graph_key
+from actors.errors import ServiceUnavailable
 from actors.schemas import Turn
 from actors.sharding import shard_index
 from bot.runtime import Runtime
 from storage.context_db import db_path
 from storage.sqlite import DURABILITY_INTERVAL
-from tests.conftest import FakeClock, make_settings
+from tests.conftest import FakeClock, StateBackend, both_backends, make_settings
 
 MakeStore = Callable[..., ContextStore]
 
 
 @pytest_asyncio.fixture
-async def make_store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    """Opens ContextStores on one state directory and closes them all at the end."""
+async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
+    """Opens ContextStores on one state location and closes them all at the end."""
     opened: list[ContextStore] = []
 
     def make(**config: Any) -> ContextStore:
-        store = ContextStore(ContextConfig(**config), tmp_path / "state", 0, clock=clock)
+        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
         # tests run `maintain()` themselves, at the moment they check
         store.maintenance_interval = 10 * DAY
         opened.append(store)
@@ -53,14 +55,12 @@ def texts(turns: tuple[tuple[str, str, str], ...]) -> list[str]:
     return [t[2] for t in turns]
 
 
-def disk_texts(state: Path) -> list[str]:
-    conn = sqlite3.connect(db_path(state, 0))
-    try:
-        return [r[0] for r in conn.execute("SELECT text FROM turns ORDER BY id")]
-    finally:
-        conn.close()
+def disk_texts(store: ContextStore) -> list[str]:
+    """Every turn's text stored by `store`'s shard, in order of arrival (committed only)."""
+    return [r[0] for r in store._db._rows("SELECT text FROM turns ORDER BY id")]
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_window_keeps_at_most_max_turns_and_max_chars_dropping_the_oldest(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -79,9 +79,10 @@ async def test_window_keeps_at_most_max_turns_and_max_chars_dropping_the_oldest(
     (only,) = (await store.build("chan", "u")).turns
     assert len(only[2]) == 100 and only[2].startswith("www")
     # disk holds the same window as memory
-    assert disk_texts(tmp_path / "state") == [only[2]]
+    assert disk_texts(store) == [only[2]]
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_append_then_build_shows_the_new_turn_at_once_and_a_repeat_build_is_a_cache_hit(
     make_store: MakeStore, clock: FakeClock
@@ -116,6 +117,7 @@ async def test_a_thread_or_reply_chain_is_its_own_conversation(
     assert texts((await store.build("chain:chan:1:msg:42", "u")).turns) == ["in the reply chain"]
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_social_graph_counts_both_ways_and_a_graph_change_invalidates_the_built_context(
     make_store: MakeStore, clock: FakeClock
@@ -153,6 +155,7 @@ async def test_contacts_per_user_are_capped_dropping_the_least_recently_seen(
     assert "u (" not in await store.social("srv", "a")
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_cleanup_after_31_days_removes_idle_conversations_and_edges_in_memory_and_on_disk(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -170,7 +173,7 @@ async def test_cleanup_after_31_days_removes_idle_conversations_and_edges_in_mem
     stats = await store.stats()
     assert stats.cleaned_conversations == 2 and stats.cleaned_edges == 2
     assert (stats.conversations, stats.conversations_on_disk, stats.graph_edges) == (1, 1, 2)
-    assert disk_texts(tmp_path / "state") == ["fresh"]
+    assert disk_texts(store) == ["fresh"]
     assert await store.disk_rows("idle-spilled") == (0, 0)
     assert (await store.build("chan", "idle")).turns == ()
     assert "idle (" in await store.social("srv", "active")
@@ -181,6 +184,7 @@ async def test_cleanup_after_31_days_removes_idle_conversations_and_edges_in_mem
     assert (await reopened.stats()).graph_edges == 2
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_a_stale_conversation_reached_before_cleanup_is_gone_and_stays_gone(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -192,9 +196,10 @@ async def test_a_stale_conversation_reached_before_cleanup_is_gone_and_stays_gon
     reopened = make_store()
     assert (await reopened.build("chan", "u")).turns == ()
     await reopened.append("chan", "u", [turn("new", clock)])
-    assert disk_texts(tmp_path / "state") == ["new"]
+    assert disk_texts(reopened) == ["new"]
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_over_the_memory_budget_conversations_move_to_disk_and_load_back_on_demand(
     make_store: MakeStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
@@ -218,6 +223,7 @@ async def test_over_the_memory_budget_conversations_move_to_disk_and_load_back_o
     assert texts((await store.build("chan0", "u")).turns)[-1] == "after reload"
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_a_reopened_store_remembers_conversations_graph_and_versions(
     make_store: MakeStore, clock: FakeClock
@@ -232,6 +238,7 @@ async def test_a_reopened_store_remembers_conversations_graph_and_versions(
     assert again.turns == built.turns and again.digest == built.digest and again.version == built.version
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_with_a_commit_delay_appends_wait_for_each_other_and_a_reset_or_forget_does_not(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -252,10 +259,11 @@ async def test_with_a_commit_delay_appends_wait_for_each_other_and_a_reset_or_fo
         # one commit took the waiting appends and the reset (or forget) along, before the
         # delay ran out: the user who reset was not kept waiting for it
         assert (await store.stats()).commits == commits + 1
-    assert "hi 4" in disk_texts(tmp_path / "state")  # the gathered appends are on disk
+    assert "hi 4" in disk_texts(store)  # the gathered appends are on disk
     await store.close()
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_forget_leaves_no_trace_in_memory_on_disk_or_in_the_cache(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -275,7 +283,7 @@ async def test_forget_leaves_no_trace_in_memory_on_disk_or_in_the_cache(
     stats = await store.stats()
     assert (stats.conversations, stats.conversations_on_disk, stats.graph_edges) == (1, 1, 0)
     assert await store.disk_rows("gone") == (0, 0)
-    assert all("secret" not in t for t in disk_texts(tmp_path / "state"))
+    assert all("secret" not in t for t in disk_texts(store))
     assert (await store.build("chan", "gone", "srv")).turns == ()
     after = await store.build("chan", "stays", "srv")
     assert after.social == "" and texts(after.turns) == ["kept"]
@@ -285,6 +293,7 @@ async def test_forget_leaves_no_trace_in_memory_on_disk_or_in_the_cache(
     assert (await reopened.stats()).graph_edges == 0
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_concurrent_appends_to_one_conversation_keep_every_turn_in_order_of_arrival(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
@@ -299,7 +308,7 @@ async def test_concurrent_appends_to_one_conversation_keep_every_turn_in_order_o
     assert sorted(versions) == list(range(1, 101))
     expected = [x for i in range(100) for x in (f"q{i}", f"a{i}")]
     assert texts((await store.build("chan", "u")).turns) == expected
-    assert disk_texts(tmp_path / "state") == expected
+    assert disk_texts(store) == expected
     # group commit: far fewer transactions than appends
     assert store._db.committer.commits < 100
 
@@ -341,7 +350,7 @@ async def test_a_failed_commit_raises_keeps_no_phantom_turn_and_later_writes_suc
     assert texts((await store.build("chan", "u")).turns) == ["before"]
     await store.append("chan", "u", [turn("after", clock)])
     assert texts((await store.build("chan", "u")).turns) == ["before", "after"]
-    assert disk_texts(tmp_path / "state") == ["before", "after"]
+    assert disk_texts(store) == ["before", "after"]
 
 
 def test_config_rejects_nonsense() -> None:
@@ -403,6 +412,54 @@ async def test_context_survives_an_actor_kill_and_routes_the_graph_by_server(
         assert await client.forget(user) == 1
         assert (await client.build(scope, user, server)).turns == ()
         assert (await client.build(scope, user, server)).social == ""
+    finally:
+        await rt.shutdown(kill_actors=True)
+
+
+@both_backends
+@pytest.mark.asyncio
+async def test_every_acknowledged_turn_survives_a_sigkill_of_the_actor_mid_load(
+    ray_session: None, tmp_path: Path, backend: StateBackend
+) -> None:
+    window = {"commit_delay_seconds": 0.0, "max_turns": 10_000, "max_chars": 1_000_000}
+    rt = Runtime(make_settings(tmp_path, context=window, **backend.settings()))
+    try:
+        await rt.start()
+        client = rt.clients["context"]
+        assert isinstance(client, ContextClient)
+        handle = rt.handles["context"][0]
+        pid = await _actor_pid(handle)
+        acked: dict[int, list[str]] = {w: [] for w in range(8)}
+        enough, killed = asyncio.Event(), asyncio.Event()
+
+        async def writer(w: int) -> None:
+            # until the kill is seen: a writer that missed it stops once the kill is done
+            for i in itertools.count():
+                if killed.is_set():
+                    return
+                text = f"w{w}-{i}"
+                try:
+                    await client.append(
+                        f"chan-{w}", "ada", [Turn(role="user", author="ada", text=text, time=1.0)]
+                    )
+                except ServiceUnavailable:
+                    return
+                acked[w].append(text)
+                if sum(map(len, acked.values())) >= 100:
+                    enough.set()
+
+        writers = [asyncio.create_task(writer(w)) for w in range(8)]
+        await enough.wait()
+        os.kill(pid, signal.SIGKILL)
+        killed.set()
+        await asyncio.gather(*writers)
+        await _wait_until_answering(handle)
+        assert await _actor_pid(handle) != pid
+        for w, texts_acked in acked.items():
+            stored = texts((await client.build(f"chan-{w}", "ada")).turns)
+            # every acknowledged turn, in order; at most the one in flight at the kill besides
+            assert stored[: len(texts_acked)] == texts_acked
+            assert len(stored) - len(texts_acked) <= 1
     finally:
         await rt.shutdown(kill_actors=True)
 

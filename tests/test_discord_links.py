@@ -4,7 +4,6 @@ context store, bounded, and gone with their conversation (reset, forget, stale c
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,17 +11,17 @@ import pytest_asyncio
 
 from actors.context import DAY, ContextConfig, ContextStore
 from actors.schemas import Turn
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, StateBackend, both_backends
 
 MakeStore = Callable[..., ContextStore]
 
 
 @pytest_asyncio.fixture
-async def make_store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeStore]:
+async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
     opened: list[ContextStore] = []
 
     def make(**config: Any) -> ContextStore:
-        store = ContextStore(ContextConfig(**config), tmp_path / "state", 0, clock=clock)
+        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
         store.maintenance_interval = 10 * DAY
         opened.append(store)
         return store
@@ -38,6 +37,7 @@ async def talk(store: ContextStore, scope: str, user: str, clock: FakeClock, *re
     await store.link_replies(scope, user, list(replies))
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_a_reply_link_survives_a_restart_of_the_store(make_store: MakeStore, clock: FakeClock) -> None:
     store = make_store()
@@ -49,6 +49,7 @@ async def test_a_reply_link_survives_a_restart_of_the_store(make_store: MakeStor
     assert await reopened.reply_scope("m3") is None
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_forget_deletes_the_users_links_only(make_store: MakeStore, clock: FakeClock) -> None:
     store = make_store()
@@ -59,6 +60,7 @@ async def test_forget_deletes_the_users_links_only(make_store: MakeStore, clock:
     assert await store.reply_scope("b1") == "channel:1"
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_reset_and_stale_cleanup_take_the_links_with_the_conversation(
     make_store: MakeStore, clock: FakeClock
@@ -74,6 +76,7 @@ async def test_reset_and_stale_cleanup_take_the_links_with_the_conversation(
     assert await store.reply_scope("s1") is None
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_links_are_bounded_oldest_first(make_store: MakeStore, clock: FakeClock) -> None:
     store = make_store(max_reply_links=3)
@@ -83,6 +86,7 @@ async def test_links_are_bounded_oldest_first(make_store: MakeStore, clock: Fake
     assert [await store.reply_scope(m) for m in ("x2", "x3", "x4")] == ["channel:1"] * 3
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_a_malformed_link_is_refused_and_stores_nothing(
     make_store: MakeStore, clock: FakeClock

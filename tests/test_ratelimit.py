@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from actors.schemas import MessageKind, RateDecision
 from actors.sharding import shard_index
 from bot.runtime import SERVICES, service_handles
 from storage.sqlite import DURABILITY_INTERVAL
-from tests.conftest import FakeClock, make_settings
+from tests.conftest import FakeClock, StateBackend, both_backends, make_settings
 
 US = 1_000_000
 BASE = 1_700_000_000.0
@@ -225,25 +224,27 @@ async def test_bad_input_is_refused_and_changes_nothing(clock: FakeClock) -> Non
     await limiter.close()
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_concurrent_checks_share_group_commits_and_survive_a_restart(
-    tmp_path: Path, clock: FakeClock
+    backend: StateBackend, clock: FakeClock
 ) -> None:
     config = RateLimitConfig(message=WindowLimits(minute=50, hour=50, day=50))
-    limiter = RateLimiter(config, tmp_path, clock=clock)
+    limiter = RateLimiter(config, backend.location, clock=clock)
     decisions = await asyncio.gather(*(limiter.check(f"u{i % 10}") for i in range(200)))
     assert sum(d.allowed for d in decisions) == 200
     stats = await limiter.stats()
     assert stats.commits < 50 and stats.checks_per_commit > 4
     await limiter.close()
-    again = RateLimiter(config, tmp_path, clock=clock)
+    again = RateLimiter(config, backend.location, clock=clock)
     assert (await again.check("u3")).remaining["day"] == 50 - 21
     await again.close()
 
 
+@both_backends
 @pytest.mark.asyncio
-async def test_idle_keys_are_dropped_from_memory_and_disk(tmp_path: Path, clock: FakeClock) -> None:
-    limiter = RateLimiter(RateLimitConfig(server_per_minute=5), tmp_path, clock=clock)
+async def test_idle_keys_are_dropped_from_memory_and_disk(backend: StateBackend, clock: FakeClock) -> None:
+    limiter = RateLimiter(RateLimitConfig(server_per_minute=5), backend.location, clock=clock)
     await limiter.check("old", "message", "s1")
     clock.advance(3600)
     await limiter.check("new")
@@ -252,29 +253,34 @@ async def test_idle_keys_are_dropped_from_memory_and_disk(tmp_path: Path, clock:
     stats = await limiter.stats()
     # the server's minute drained long ago, "old"'s day has just drained, "new"'s has not
     assert stats.keys == 1 and stats.idle_dropped == 2
+    db = limiter._state.opened
+    assert db is not None
+    assert [r[0] for r in db.read("SELECT key FROM ratelimit_state")] == ["m:new"]
     await limiter.close()
-    rows = sqlite3.connect(tmp_path / "ratelimit-0.sqlite").execute("SELECT key FROM ratelimit_state")
-    assert [r[0] for r in rows] == ["m:new"]
 
 
+@both_backends
 @pytest.mark.asyncio
-async def test_reset_gives_a_fresh_budget_that_a_restart_keeps(tmp_path: Path, clock: FakeClock) -> None:
+async def test_reset_gives_a_fresh_budget_that_a_restart_keeps(
+    backend: StateBackend, clock: FakeClock
+) -> None:
     config = RateLimitConfig(message=WindowLimits(minute=1, hour=5, day=5))
-    limiter = RateLimiter(config, tmp_path, clock=clock)
+    limiter = RateLimiter(config, backend.location, clock=clock)
     await limiter.check("u")
     await limiter.check("u", "command")
     assert not (await limiter.check("u")).allowed
     assert await limiter.reset("u") == 2
     await limiter.close()
-    again = RateLimiter(config, tmp_path, clock=clock)
+    again = RateLimiter(config, backend.location, clock=clock)
     assert (await again.check("u")).allowed
     await again.close()
 
 
+@both_backends
 @pytest.mark.asyncio
-async def test_new_limits_apply_to_the_counts_already_kept(tmp_path: Path, clock: FakeClock) -> None:
+async def test_new_limits_apply_to_the_counts_already_kept(backend: StateBackend, clock: FakeClock) -> None:
     tight = RateLimitConfig(message=WindowLimits(minute=2, hour=5, day=5))
-    limiter = RateLimiter(tight, tmp_path, clock=clock)
+    limiter = RateLimiter(tight, backend.location, clock=clock)
     await limiter.check("u")
     await limiter.check("u")
     assert not (await limiter.check("u")).allowed
@@ -283,12 +289,12 @@ async def test_new_limits_apply_to_the_counts_already_kept(tmp_path: Path, clock
     assert (await limiter.check("u")).remaining["minute"] == 1
     await limiter.close()
     # the live change outlives a restart with the same deployment config
-    again = RateLimiter(tight, tmp_path, clock=clock)
+    again = RateLimiter(tight, backend.location, clock=clock)
     assert (await again.check("u")).remaining["minute"] == 0
     await again.close()
     # other buckets: counts are kept (folded into the latest bucket, never under-counted)
     finer = RateLimitConfig(message=WindowLimits(minute=4, hour=5, day=5), buckets=60)
-    third = RateLimiter(finer, tmp_path, clock=clock)
+    third = RateLimiter(finer, backend.location, clock=clock)
     assert not (await third.check("u")).allowed
     await third.close()
 
@@ -301,16 +307,17 @@ def _split_server(shards: int) -> tuple[str, str]:
     return user, server
 
 
+@both_backends
 @pytest.mark.asyncio
 async def test_actors_enforce_a_server_limit_across_shards_and_keep_decisions_through_a_hard_kill(
-    ray_session: None, tmp_path: Path
+    ray_session: None, tmp_path: Path, backend: StateBackend
 ) -> None:
     config = RateLimitConfig(
         shards=2,
         message=WindowLimits(minute=1000, hour=1000, day=1000),
         server_per_minute=3,
     )
-    settings = make_settings(tmp_path, ratelimit=config)
+    settings = make_settings(tmp_path, ratelimit=config, **backend.settings())
     spec = next(s for s in SERVICES if s.name == "ratelimit")
     handles = service_handles(settings, spec)
     client = RateLimitClient(handles)
