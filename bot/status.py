@@ -27,7 +27,7 @@ from bot.attach import NoBotFound, attach
 from bot.config import Settings
 
 #: the services whose replicas `bot.runtime` names `<service>-<shard>`
-SERVICE_NAMES = ("cache", "context", "ratelimit", "analytics")
+SERVICE_NAMES = ("cache", "context", "ratelimit", "analytics", "llm")
 #: seconds one replica has to answer before it counts as down
 CALL_TIMEOUT = 5.0
 
@@ -105,6 +105,8 @@ class Snapshot:
 def replica_count(settings: Settings, service: str) -> int:
     if service == "analytics":  # DuckDB allows one writing process: never sharded
         return 1
+    if service == "llm":
+        return settings.llm.replicas
     shards: int = getattr(settings, service).shards
     return shards
 
@@ -271,6 +273,17 @@ def render(snapshot: Snapshot, settings: Settings) -> Group:
         "analytics",
         f"{_sum(sink, 'pending'):,.0f} queued · {_sum(sink, 'committed'):,.0f} committed · "
         f"spilled {snapshot.spill_files} files ({_mb(snapshot.spill_bytes)})",
+    )
+    gateway = snapshot.of("llm")
+    prompt_tokens = _sum(gateway, "tokens_in")
+    cached = _sum(gateway, "cached_tokens")
+    spent = sum(sum(r.stats.cost_usd.values()) for r in gateway if r.stats is not None)
+    figures.add_row(
+        "LLM gateway",
+        f"{_sum(gateway, 'requests'):,.0f} requests · {_sum(gateway, 'upstream_calls'):,.0f} upstream · "
+        f"{_sum(gateway, 'queued'):,.0f} queued · {_sum(gateway, 'busy'):,.0f} busy · "
+        f"prompt tokens from cache {cached / prompt_tokens if prompt_tokens else 0:.0%} · "
+        f"${spent:,.4f} spent",
     )
     t = snapshot.traffic
     if t is None:

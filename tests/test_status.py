@@ -12,6 +12,7 @@ from actors.errors import RateLimited
 from actors.schemas import IncomingMessage
 from bot.cli import main
 from bot.config import Settings, StatusSettings
+from bot.llm.gateway import GatewayClient
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime
 from bot.status import collect, render, run_status
@@ -46,6 +47,7 @@ async def test_once_shows_the_services_figures(runtime: Runtime, pipeline: ChatP
     cache = await runtime.clients["cache"].stats()  # type: ignore[attr-defined]
     limiter = await runtime.clients["ratelimit"].stats()  # type: ignore[attr-defined]
     sink = await runtime.clients["analytics"].stats()  # type: ignore[attr-defined]
+    gateway = await runtime.client("llm", GatewayClient).stats()
 
     assert all(r.up and r.error is None for r in snapshot.replicas)
     assert {(r.service, r.shard) for r in snapshot.replicas} == {
@@ -67,6 +69,7 @@ async def test_once_shows_the_services_figures(runtime: Runtime, pipeline: ChatP
     assert denied >= 1
     assert f"{sum(s.committed for s in sink):,} committed" in out
     assert f"{sum(s.pending for s in sink):,} queued" in out
+    assert f"{sum(s.requests for s in gateway):,} requests" in out and "spent" in out
     assert "all services healthy" in out
     for r in snapshot.replicas:
         assert f"{r.service}-{r.shard}" in out and str(r.health.pid) in out  # type: ignore[union-attr]
