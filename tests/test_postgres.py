@@ -280,3 +280,15 @@ async def test_a_new_migration_is_applied_once_on_both_backends_and_keeps_the_da
         db.close()
     with pytest.raises(ValueError, match="out of order"):
         migrate_sqlite(sqlite3.connect(":memory:"), "x", (extra[1],), ":memory:")
+
+
+def test_with_a_state_url_only_the_context_store_and_the_rate_limiter_use_postgres(tmp_path: Path) -> None:
+    from bot.runtime import SERVICES, state_location
+
+    settings = make_settings(tmp_path, state_url="postgresql://bot@db:5432/raycord", state_password="pw")
+    where = {spec.name: state_location(settings, spec) for spec in SERVICES}
+    assert where["context"] == where["ratelimit"] == PgTarget("postgresql://bot@db:5432/raycord", "pw")
+    assert where["cache"] == where["analytics"] == (tmp_path / "state").resolve()
+    # without a state URL everything stays in the state directory
+    plain = make_settings(tmp_path)
+    assert {state_location(plain, spec) for spec in SERVICES} == {(tmp_path / "state").resolve()}
