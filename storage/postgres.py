@@ -110,8 +110,9 @@ class PgDatabase:
     a commit in flight. A connection that fails is dropped and the next use reconnects.
     The shard's schema is created and migrated before the constructor returns.
 
-    asyncpg's `Pool` is not used: after a server restart it can keep counting a lost
-    connection as in use, so `acquire` and `close` wait forever.
+    asyncpg's `Pool` is not used: two connections need none, and after a server restart
+    under load its `close()` was seen waiting forever on a connection it still counted as
+    in use.
 
     Raises (from the constructor):
         StateUnavailable: the server cannot be reached or refuses the credentials.
@@ -255,7 +256,7 @@ class PgCommitter(GroupCommitter):
         self.db = db
 
     def _commit(self, statements: list[Statement]) -> None:
-        # on the committer's thread, waiting for the pool's loop to commit
+        # on the committer's thread, waiting for the connections' loop to commit
         self.db.execute(statements)
         self.commits += 1
         self.statements += len(statements)
