@@ -471,10 +471,12 @@ class ContextStore(Service):
 
     # --- maintenance ---
 
-    @needs_state
     async def maintain(self) -> None:
         """Remove stale entries when due, move conversations to disk while over budget,
         export gauges."""
+        if not self._state.try_open():
+            # the database is down: the open was retried (or is not due yet), and logged
+            return
         async with self._maintenance_lock:
             now = self.clock()
             statements: list[Statement] = []

@@ -504,9 +504,11 @@ class RateLimiter(Service):
             await self._committer.write(statements)
         return len(statements)
 
-    @needs_state
     async def maintain(self) -> None:
         """Drop drained keys from memory and disk (oldest first, so cost follows what goes)."""
+        if not self._state.try_open():
+            # the database is down: the open was retried (or is not due yet), and logged
+            return
         now_us = self._now_us()
         statements = []
         for layout in self._layouts:

@@ -57,6 +57,15 @@ class StateOpener(Generic[T]):
     def opened(self) -> T | None:
         return self._value
 
+    def try_open(self) -> bool:
+        """Whether the state is open, attempting the open when its backoff has run out
+        (the maintenance loop retries this way while no call comes)."""
+        try:
+            self.get()
+        except ServiceUnavailable:
+            return False
+        return True
+
     def get(self) -> T:
         """The opened state.
 

@@ -3,7 +3,8 @@
 `build()` on a cache hit and a miss; memory per conversation at two sizes; a simulated
 day with user churn on the injected clock sampling RSS; cleanup cost against the number
 of stale entries. The "before" is the plan's design: a 5-minute TTL context cache and an
-hourly full scan over every conversation.
+hourly full scan over every conversation. Append latency and commits per second at 1, 10
+and 100 callers, on SQLite and on PostgreSQL on loopback side by side.
 
     python -m bench.context_bench [--size tiny|full]
 """
@@ -26,6 +27,7 @@ from actors.context import DAY, BuiltContext, ContextConfig, ContextStore, assem
 from actors.schemas import Turn
 from bench import floors
 from bench.common import ratio, rss_bytes, summarize_ms, write_results
+from bench.pgserver import StateBackends
 
 NAME = "context_bench"
 HOUR = 3600.0
@@ -42,6 +44,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "day_budget_bytes": 64 * 1024,
         "cleanup_kept": 300,
         "cleanup_stale": (10, 50, 200),
+        "backend_appends": 150,
     },
     "full": {
         "build_conversations": 5_000,
@@ -54,6 +57,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "day_budget_bytes": 2 * 2**20,
         "cleanup_kept": 20_000,
         "cleanup_stale": (100, 1_000, 10_000),
+        "backend_appends": 3_000,
     },
 }
 
@@ -133,6 +137,56 @@ async def _fill(store: ContextStore, keys: list[tuple[str, str]], clock: Clock, 
     """Append to many conversations, `batch` at a time so they share group commits."""
     for start in range(0, len(keys), batch):
         await asyncio.gather(*(store.append(s, u, _turns(clock, s)) for s, u in keys[start : start + batch]))
+
+
+# --- append on each state backend ---
+
+BACKEND_CALLERS = (1, 10, 100)
+
+
+async def _append_from(
+    store: ContextStore, callers: int, per_caller: int, clock: Clock
+) -> tuple[list[float], float]:
+    """`per_caller` appends of two turns from each of `callers` closed-loop callers, each
+    on its own conversation; the latency of each, and the wall time of all."""
+    samples: list[float] = []
+
+    async def caller(n: int) -> None:
+        for i in range(max(1, per_caller)):
+            turns = _turns(clock, f"c{n}-{i}")[:2]
+            t0 = time.perf_counter()
+            await store.append(f"chan-{n}", f"user-{n}", turns)
+            samples.append(time.perf_counter() - t0)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(n) for n in range(callers)))
+    return samples, time.perf_counter() - start
+
+
+async def bench_backends(p: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Durable appends (one user turn and one model turn, as the bot writes after a reply)
+    from 1, 10 and 100 closed-loop callers, each on a conversation of its own, with no
+    commit delay: SQLite in the state directory beside PostgreSQL on loopback."""
+    clock = Clock()
+    out: dict[str, Any] = {}
+    with StateBackends(tmp) as backends:
+        for backend in backends.names:
+            rows = {}
+            for callers in BACKEND_CALLERS:
+                location = await backends.fresh(backend, f"ctx_{callers}")
+                store = _quiet(ContextStore(ContextConfig(), location, clock=clock))
+                samples, elapsed = await _append_from(store, callers, p["backend_appends"] // callers, clock)
+                commits = (await store.stats()).commits
+                rows[str(callers)] = {
+                    **summarize_ms(samples),
+                    "appends_per_s": len(samples) / elapsed,
+                    "commits_per_s": commits / elapsed,
+                    "commits_per_1000": 1000 * commits / len(samples),
+                }
+                await store.close()
+            out[backend] = rows
+        out["skipped"] = backends.skipped
+    return out
 
 
 # --- build: hit and miss ---
@@ -390,6 +444,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
                 day[design] = pool.submit(_day_worker, design, p, str(tmp / f"d-{design}")).result()
         results["day"] = day
         results["cleanup"] = asyncio.run(bench_cleanup(p, tmp))
+        results["state_backends"] = asyncio.run(bench_backends(p, tmp))
     largest = results["cleanup"]["rows"][-1]
     results["summary"] = {
         "build_hit_p50_ms": results["build"]["ours_hit"]["p50_ms"],

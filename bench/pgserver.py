@@ -28,7 +28,7 @@ import asyncpg
 
 from storage.postgres import PgTarget
 
-__all__ = ["PgServer", "pg_bin_dir"]
+__all__ = ["PgServer", "StateBackends", "pg_bin_dir"]
 
 #: how long the server may take to accept connections after it is started
 START_TIMEOUT = 60.0
@@ -199,3 +199,44 @@ class PgServer:
         finally:
             await conn.close()
         return self.target(name)
+
+
+class StateBackends:
+    """Fresh state locations for a benchmark, per backend: SQLite files under `workdir`,
+    and PostgreSQL on loopback when it is installed (a server started for the run, and
+    stopped by `close`). `skipped` says why a backend is missing."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.server: PgServer | None = None
+        self.skipped: dict[str, str] = {}
+        self.names = ["sqlite"]
+        try:
+            self.server = PgServer()
+            self.server.start()
+            self.names.append("postgres")
+        except (FileNotFoundError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+            self.skipped["postgres"] = f"{type(exc).__name__}: {exc}"
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+
+    async def fresh(self, backend: str, label: str) -> Path | PgTarget:
+        """A location nothing has written to yet, for `backend`."""
+        if backend == "sqlite":
+            return self.workdir / f"{label}-sqlite"
+        assert self.server is not None, "PostgreSQL is not running"
+        return await self.server.create_database(f"{label}_{secrets.token_hex(4)}")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def __enter__(self) -> StateBackends:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -25,6 +25,7 @@ from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateL
 from actors.ratelimit import USER_WINDOWS, RateLimitClient, RateLimitConfig, RateLimiter, WindowLimits
 from bench import floors
 from bench.common import ratio, size_cli, summarize_ms, write_results
+from bench.pgserver import StateBackends
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"checks": 300, "users": 100, "memory_users": (1_000, 10_000), "trace": 2_000},
@@ -151,6 +152,29 @@ async def bench_in_process(checks: int, users: int, workdir: Path) -> dict[str, 
         stats = await limiter.stats()
         out[str(concurrency)] = _row(samples, elapsed, stats.commits, stats.syncs)
         await limiter.close()
+    return out
+
+
+async def bench_state_backends(checks: int, users: int, workdir: Path) -> dict[str, Any]:
+    """The plain class on each state backend side by side: SQLite (FULL) in the state
+    directory, and PostgreSQL on loopback (a server started for the run). Check latency
+    and commits per second at 1, 10 and 100 callers, every check a durable allowance."""
+    out: dict[str, Any] = {}
+    with StateBackends(workdir) as backends:
+        for backend in backends.names:
+            rows = {}
+            for concurrency in CONCURRENCY:
+                location = await backends.fresh(backend, f"rl_{concurrency}")
+                limiter = RateLimiter(RateLimitConfig(message=OPEN), location)
+                samples, elapsed = await _drive(limiter.check, checks, concurrency, users)
+                commits = (await limiter.stats()).commits
+                rows[str(concurrency)] = {
+                    **_row(samples, elapsed, commits, True),
+                    "commits_per_s": commits / elapsed,
+                }
+                await limiter.close()
+            out[backend] = rows
+        out["skipped"] = backends.skipped
     return out
 
 
@@ -281,6 +305,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
         in_process = asyncio.run(bench_in_process(checks, users, workdir))
         actor = asyncio.run(bench_actor(checks, users, workdir))
         fsync_floor = bench_fsync_floor(workdir)
+        state_backends = asyncio.run(bench_state_backends(checks, users, workdir))
     memory = bench_memory(spec["memory_users"])
     precision = bench_precision(spec["trace"])
     at_100 = actor["FULL"]["100"]
@@ -291,6 +316,7 @@ def run(size: str = "full", results_dir: Path | None = None) -> dict[str, Any]:
         "ours_in_process": in_process,
         "ours_actor": actor,
         "fsync_floor": fsync_floor,
+        "state_backends": state_backends,
         "memory": memory,
         "precision": precision,
         "ratios": {

@@ -1,8 +1,8 @@
-"""The PostgreSQL state backend: an asyncpg pool on a thread of its own, and a group
+"""The PostgreSQL state backend: asyncpg connections on a thread of its own, and a group
 committer with the SQLite one's `write(statements)` shape.
 
 The stores issue their memory change and its statements in one synchronous step and read
-synchronously (a cache miss, a restart's recovery), as with SQLite. So the pool lives on a
+synchronously (a cache miss, a restart's recovery), as with SQLite. So the connections live on a
 dedicated event loop thread: reads block the caller the way an SQLite read does, and
 commits run there while the actor's loop keeps serving. Statements are written once, in
 SQLite's dialect with `?` placeholders and portable SQL (`ON CONFLICT`, quoted `"user"`);
@@ -36,6 +36,8 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 #: a statement or read that takes longer than this means the server is gone or stuck
 COMMAND_TIMEOUT = 30.0
+#: how long closing a connection may wait for the server's goodbye
+CLOSE_TIMEOUT = 5.0
 
 
 class StateUnavailable(ConnectionError):
@@ -83,6 +85,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.InvalidAuthorizationSpecificationError,
@@ -91,9 +94,25 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class _Slot:
+    """One connection of the pool and the lock that gives it to one task at a time."""
+
+    __slots__ = ("conn", "lock")
+
+    def __init__(self) -> None:
+        self.conn: asyncpg.Connection | None = None
+        self.lock = asyncio.Lock()
+
+
 class PgDatabase:
-    """A small asyncpg pool for one store shard, on its own event loop thread, with the
-    shard's schema created and migrated before it is returned.
+    """Two asyncpg connections for one store shard, on its own event loop thread: one
+    commits (group commit serializes commits anyway), one reads, so a read never waits for
+    a commit in flight. A connection that fails is dropped and the next use reconnects.
+    The shard's schema is created and migrated before the constructor returns.
+
+    asyncpg's `Pool` is not used: two connections need none, and after a server restart
+    under load its `close()` was seen waiting forever on a connection it still counted as
+    in use.
 
     Raises (from the constructor):
         StateUnavailable: the server cannot be reached or refuses the credentials.
@@ -106,7 +125,6 @@ class PgDatabase:
         schema: str,
         store: str,
         migrations: Sequence[Migration],
-        pool_size: int = 4,
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         if not schema.replace("_", "").isalnum():
@@ -114,39 +132,46 @@ class PgDatabase:
         self.target = target
         self.schema = schema
         self.where = f"{target.where} schema {schema}"
+        self.connect_timeout = connect_timeout
+        self._commit_slot, self._read_slot = _Slot(), _Slot()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"pg-{schema}", daemon=True)
         self._thread.start()
-        self._pool: asyncpg.Pool | None = None
         try:
-            self._pool = self._run(self._open(store, migrations, pool_size, connect_timeout))
+            self._run(self._open(store, migrations))
         except BaseException:
-            self._stop_loop()
+            self.close()
             raise
 
-    async def _open(
-        self, store: str, migrations: Sequence[Migration], pool_size: int, timeout: float
-    ) -> asyncpg.Pool:
-        pool = await asyncpg.create_pool(
-            self.target.url,
-            password=self.target.password,
-            min_size=1,
-            max_size=pool_size,
-            timeout=timeout,
-            command_timeout=COMMAND_TIMEOUT,
-            server_settings={"search_path": self.schema, "application_name": f"raycord-{self.schema}"},
-        )
-        try:
-            async with pool.acquire() as conn:
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                await migrate_postgres(conn, store, migrations, self.where)
-        except BaseException:
-            await pool.close()
-            raise
-        return pool
+    async def _open(self, store: str, migrations: Sequence[Migration]) -> None:
+        async with self._commit_slot.lock:
+            conn = await self._connection(self._commit_slot)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            await migrate_postgres(conn, store, migrations, self.where)
+
+    async def _connection(self, slot: _Slot) -> asyncpg.Connection:
+        """The slot's open connection, connecting first when it has none (the caller holds
+        the slot's lock)."""
+        if slot.conn is None or slot.conn.is_closed():
+            slot.conn = None
+            slot.conn = await asyncpg.connect(
+                self.target.url,
+                password=self.target.password,
+                timeout=self.connect_timeout,
+                command_timeout=COMMAND_TIMEOUT,
+                server_settings={"search_path": self.schema, "application_name": f"raycord-{self.schema}"},
+            )
+        return slot.conn
+
+    @staticmethod
+    def _drop(slot: _Slot) -> None:
+        """Forget a connection whose last use failed, so the next use reconnects."""
+        if slot.conn is not None:
+            slot.conn.terminate()
+            slot.conn = None
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the pool's loop and wait for it; connection failures become
+        """Run `coro` on the connections' loop and wait for it; connection failures become
         `StateUnavailable`, with a message that names the server, never the password."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
@@ -165,40 +190,60 @@ class PgDatabase:
         return self._run(self._fetch(pg_sql(sql), params))
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        assert self._pool is not None
-        async with self._pool.acquire() as conn:
-            return [tuple(r) for r in await conn.fetch(sql, *params)]
+        slot = self._read_slot
+        async with slot.lock:
+            try:
+                conn = await self._connection(slot)
+                return [tuple(r) for r in await conn.fetch(sql, *params)]
+            except BaseException:
+                # a failure can leave the protocol mid-operation ("another operation is in
+                # progress" on the next use): start over on a fresh connection
+                self._drop(slot)
+                raise
 
     def execute(self, statements: Sequence[Statement]) -> None:
         """Run `statements` in order in one transaction; return once committed (blocks)."""
         self._run(self._execute(statements))
 
     async def _execute(self, statements: Sequence[Statement]) -> None:
-        assert self._pool is not None
-        async with self._pool.acquire() as conn, conn.transaction():
-            # runs of one statement go as one pipelined executemany; order is kept
-            for sql, group in itertools.groupby(statements, key=lambda s: s[0]):
-                rows = [params for _, params in group]
-                if len(rows) == 1:
-                    await conn.execute(pg_sql(sql), *rows[0])
-                else:
-                    await conn.executemany(pg_sql(sql), rows)
+        slot = self._commit_slot
+        async with slot.lock:
+            try:
+                conn = await self._connection(slot)
+                async with conn.transaction():
+                    # runs of one statement go as one pipelined executemany; order is kept
+                    for sql, group in itertools.groupby(statements, key=lambda s: s[0]):
+                        rows = [params for _, params in group]
+                        if len(rows) == 1:
+                            await conn.execute(pg_sql(sql), *rows[0])
+                        else:
+                            await conn.executemany(pg_sql(sql), rows)
+            except BaseException:
+                # a failure can leave the protocol mid-operation ("another operation is in
+                # progress" on the next use): start over on a fresh connection
+                self._drop(slot)
+                raise
 
     def close(self) -> None:
-        if self._pool is not None:
-            try:
-                self._run(self._pool.close())
-            except StateUnavailable:
-                log.warning("closing the pool at %s: the server was already gone", self.where)
-            self._pool = None
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
         if self._loop.is_closed():
             return
+        try:
+            self._run(self._close_connections())
+        except StateUnavailable:
+            log.warning("closing the connections to %s: the server was already gone", self.where)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+    async def _close_connections(self) -> None:
+        for slot in (self._commit_slot, self._read_slot):
+            async with slot.lock:
+                if slot.conn is not None and not slot.conn.is_closed():
+                    try:
+                        await slot.conn.close(timeout=CLOSE_TIMEOUT)
+                    except _CONNECTION_ERRORS:
+                        slot.conn.terminate()
+                slot.conn = None
 
 
 class PgCommitter(BatchCommitter):
@@ -211,7 +256,7 @@ class PgCommitter(BatchCommitter):
         self.db = db
 
     def _commit(self, statements: list[Statement]) -> None:
-        # on the committer's thread, waiting for the pool's loop to commit
+        # on the committer's thread, waiting for the connections' loop to commit
         self.db.execute(statements)
         self.commits += 1
         self.statements += len(statements)

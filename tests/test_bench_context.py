@@ -27,3 +27,11 @@ def test_context_bench_tiny_reports_every_section_with_sane_values(tmp_path: Pat
     rows = results["cleanup"]["rows"]
     assert [r["stale"] for r in rows] == [0, 10, 50, 200]
     assert set(results["summary"]) >= {"build_hit_p50_ms", "cleanup_speedup_at_most_stale"}
+    # SQLite and PostgreSQL on loopback side by side (PostgreSQL is installed by .ci/run)
+    backends = results["state_backends"]
+    assert backends["skipped"] == {}
+    for backend in ("sqlite", "postgres"):
+        assert set(backends[backend]) == {"1", "10", "100"}
+        for row in backends[backend].values():
+            assert row["p99_ms"] >= row["p50_ms"] > 0 and row["commits_per_s"] > 0
+            assert 0 < row["commits_per_1000"] <= 1000

@@ -32,3 +32,11 @@ def test_the_ratelimit_bench_reports_every_design_side_by_side(ray_session: None
     for buckets in (10, 20, 60):
         assert 0 < results["precision"][f"buckets_{buckets}"]["share_of_ideal"] <= 1.0
     assert set(results["ratios"]) and set(results["targets"])
+    # SQLite and PostgreSQL on loopback side by side (PostgreSQL is installed by .ci/run)
+    backends = results["state_backends"]
+    assert backends["skipped"] == {}
+    for backend in ("sqlite", "postgres"):
+        assert set(backends[backend]) == {"1", "10", "100"}
+        for row in backends[backend].values():
+            assert row["p99_ms"] >= row["p50_ms"] > 0 and row["commits_per_s"] > 0
+            assert 0 < row["commits_per_1000"] <= 1000
