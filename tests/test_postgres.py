@@ -245,10 +245,11 @@ async def test_a_schema_newer_than_the_code_is_refused_with_a_clear_error(backen
 async def test_a_new_migration_is_applied_once_on_both_backends_and_keeps_the_data(
     tmp_path: Path, pg_server: PgServer
 ) -> None:
+    known = len(context_db.MIGRATIONS)
     extra = (
         *context_db.MIGRATIONS,
         Migration(
-            2,
+            known + 1,
             sqlite="CREATE TABLE reply_map (message TEXT PRIMARY KEY, key TEXT NOT NULL)",
             postgres="CREATE TABLE reply_map (message TEXT PRIMARY KEY, key TEXT NOT NULL)",
         ),
@@ -260,9 +261,9 @@ async def test_a_new_migration_is_applied_once_on_both_backends_and_keeps_the_da
         if statement.strip():
             conn.execute(statement)
     conn.execute("INSERT INTO conversations VALUES ('k', 's', 'u', 3, 1.0)")
-    assert migrate_sqlite(conn, "context", context_db.MIGRATIONS, str(path)) == 1
-    assert migrate_sqlite(conn, "context", extra, str(path)) == 2
-    assert migrate_sqlite(conn, "context", extra, str(path)) == 2  # applied once
+    assert migrate_sqlite(conn, "context", context_db.MIGRATIONS, str(path)) == known
+    assert migrate_sqlite(conn, "context", extra, str(path)) == known + 1
+    assert migrate_sqlite(conn, "context", extra, str(path)) == known + 1  # applied once
     conn.execute("INSERT INTO reply_map VALUES ('m1', 'k')")
     assert conn.execute("SELECT version FROM conversations").fetchall() == [(3,)]
     conn.close()
@@ -274,12 +275,12 @@ async def test_a_new_migration_is_applied_once_on_both_backends_and_keeps_the_da
     db = await asyncio.to_thread(PgDatabase, target, "context_0", "context", extra)
     try:
         db.execute([("INSERT INTO reply_map VALUES ('m1', 'k')", ())])
-        assert db.read("SELECT version FROM schema_version") == [(2,)]
+        assert db.read("SELECT version FROM schema_version") == [(known + 1,)]
         assert db.read("SELECT version FROM conversations") == [(3,)]
     finally:
         db.close()
     with pytest.raises(ValueError, match="out of order"):
-        migrate_sqlite(sqlite3.connect(":memory:"), "x", (extra[1],), ":memory:")
+        migrate_sqlite(sqlite3.connect(":memory:"), "x", (extra[-1],), ":memory:")
 
 
 def test_with_a_state_url_only_the_context_store_and_the_rate_limiter_use_postgres(tmp_path: Path) -> None:
