@@ -15,7 +15,6 @@ import base64
 import contextlib
 import itertools
 import json
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from bot.standin import serve_until_stopped
 
 DISCORD_EPOCH_MS = 1_420_070_400_000
 API = "/api/v10"
@@ -1034,17 +1035,7 @@ class FakeDiscordControl:
 
 async def serve(host: str, port: int, token: str, guilds: int) -> None:
     """Run the stand-in until SIGINT/SIGTERM; prints its base URL first."""
-    server = FakeDiscord(token=token, guilds=guilds)
-    url = await server.start(host, port)
-    print(f"fake discord listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
+    await serve_until_stopped(FakeDiscord(token=token, guilds=guilds), "fake discord", host, port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

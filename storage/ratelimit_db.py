@@ -7,13 +7,14 @@ allowed request; `expires` lets a restarted shard skip and delete drained keys a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from storage.migrations import Migration, migrate_sqlite
 from storage.postgres import PgCommitter, PgDatabase, PgTarget
-from storage.sqlite import BatchCommitter, GroupCommitter, Statement, SyncMode, open_sqlite
+from storage.sqlite import BatchCommitter, GroupCommitter, Statement, SyncMode, open_sqlite, run_transaction
 
 STORE = "ratelimit"
 
@@ -97,18 +98,8 @@ class RateLimitDB:
             migrate_sqlite(conn, STORE, MIGRATIONS, self.where)
             self.committer = GroupCommitter(conn, max_delay=commit_delay)
 
-            def execute(statements: list[Statement]) -> None:
-                # at start only, before the committer takes the connection
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql, params in statements:
-                        conn.execute(sql, params)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-
-            self._execute = execute
+            # at start only, before the committer takes the connection
+            self._execute = functools.partial(run_transaction, conn)
 
     def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self.committer.read(sql, params)

@@ -74,6 +74,18 @@ def open_sqlite(path: Path, schema: str = "", synchronous: SyncMode = "NORMAL") 
     return conn
 
 
+def run_transaction(conn: sqlite3.Connection, statements: Iterable[Statement]) -> None:
+    """Run `statements` in one write transaction on `conn`: all of them, or none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in statements:
+            conn.execute(sql, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _main_file(conn: sqlite3.Connection) -> str:
     """The database file of `conn`'s main schema; "" for an in-memory database."""
     for _, name, file in conn.execute("PRAGMA database_list").fetchall():
@@ -230,15 +242,7 @@ class GroupCommitter(BatchCommitter):
 
     def _commit(self, statements: list[Statement]) -> None:
         with self._lock:
-            conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            run_transaction(self.conn, statements)
             self.commits += 1
             self.statements += len(statements)
             if not self._wal_file:

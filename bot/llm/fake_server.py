@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import re
-import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from bot.standin import serve_until_stopped
 
 #: the failures the server can inject
 FAULTS = ("400", "403", "429", "500", "503", "timeout", "safety", "blocked", "max_tokens", "empty")
@@ -513,17 +514,7 @@ def _error(code: int, status: str, message: str, retry_delay: float | None = Non
 
 async def serve(host: str, port: int, config: FakeGeminiConfig) -> None:
     """Run the fake server until SIGINT/SIGTERM; prints its base URL first."""
-    server = FakeGemini(config=config)
-    url = await server.start(host, port)
-    print(f"fake gemini listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
+    await serve_until_stopped(FakeGemini(config=config), "fake gemini", host, port)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
