@@ -175,3 +175,20 @@ def test_deploy_refuses_a_relative_state_dir_and_never_prints_a_secret(
     assert "could not reach the Ray job API at http://127.0.0.1:9" in nobody.stderr
     for out in (relative.stdout + relative.stderr, nobody.stdout + nobody.stderr):
         assert "do-not-print-me" not in out and "nor-me" not in out
+
+
+def test_the_readme_cluster_section_runs_what_the_cluster_test_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Running on a Ray cluster") : readme.index("## Monitoring")]
+    test = (ROOT / "tests" / "test_cluster.py").read_text()
+    for command, argv in (
+        ("raycord deploy --address http://HEAD:8265 --state-dir /var/lib/raycord", '["deploy", "--address"'),
+        (
+            "raycord status --address HEAD:6379 --once",
+            '["status", "--address", cluster.gcs_address, "--once"]',
+        ),
+        ("raycord deploy --address http://HEAD:8265 --stop", '"--address", cluster.dashboard_url, "--stop"]'),
+    ):
+        assert command in section
+        assert argv in test
+    assert "ray job submit --address http://HEAD:8265 --runtime-env deploy/runtime_env.yaml" in section
