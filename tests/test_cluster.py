@@ -107,6 +107,11 @@ def outcome() -> Iterator[dict[str, Any]]:
         env = deploy_env(cluster, stand_in)
         mark("cluster up")
         out["worker_ids"] = sorted(cluster.worker_node_ids())
+        wrong = {**env, "RAY_AUTH_TOKEN": "0" * 32}
+        refused = raycord(
+            ["deploy", "--address", cluster.dashboard_url, "--state-dir", str(state_dir)], wrong
+        )
+        out["wrong_token"] = {"rc": refused.returncode, "stderr": refused.stderr[-2000:]}
         deployed = raycord(["deploy", "--address", cluster.dashboard_url, "--state-dir", str(state_dir)], env)
         out["deploy"] = {"rc": deployed.returncode, "stdout": deployed.stdout, "stderr": deployed.stderr}
         assert deployed.returncode == 0, deployed.stderr
@@ -194,6 +199,13 @@ def test_deploy_prints_the_job_and_how_to_follow_query_and_stop_it(outcome: dict
     for how in ("ray job logs", "ray job status", "raycord deploy --address"):
         assert how in printed
     assert TOKEN not in printed + outcome["deploy"]["stderr"]
+
+
+def test_a_wrong_token_is_refused_saying_how_to_pass_the_right_one(outcome: dict[str, Any]) -> None:
+    refused = outcome["wrong_token"]
+    assert refused["rc"] == 1, refused
+    assert "refused" in refused["stderr"] and "RAY_AUTH_TOKEN" in refused["stderr"], refused
+    assert TOKEN not in refused["stderr"]
 
 
 def test_state_is_pinned_to_the_head_and_stateless_replicas_spread(outcome: dict[str, Any]) -> None:
