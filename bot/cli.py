@@ -262,6 +262,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from bot.analytics_cli import run_analytics
 
         return run_analytics(args, settings)
+    from bot.deploy import in_ray_job
+
+    if args.command == "run" and settings.discord_token is None and in_ray_job():
+        print(
+            f"{prog}: no Discord token and no terminal: this Ray job has nothing to serve. "
+            "Set DISCORD_TOKEN in the environment of `raycord deploy`, which passes it to the job.",
+            file=sys.stderr,
+        )
+        return 2
     problem = _usable_state_dir(settings)
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)
@@ -273,15 +282,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     front_end = "terminal"
     if args.command == "run" and settings.discord_token is not None:
         front_end = "discord"
-    from bot.deploy import in_ray_job
-
-    if front_end == "terminal" and in_ray_job():
-        print(
-            f"{prog}: no Discord token and no terminal: this Ray job has nothing to serve. "
-            "Set DISCORD_TOKEN in the environment of `raycord deploy`, which passes it to the job.",
-            file=sys.stderr,
-        )
-        return 2
     # `run` always says what it started; `chat` only on a terminal, so piped use stays silent
     announce = args.command == "run" or sys.stdin.isatty()
     return asyncio.run(_serve(settings, args.command, front_end, announce))

@@ -114,6 +114,8 @@ def _client(address: str) -> Any:
     )
     from ray.job_submission import JobSubmissionClient
 
+    # after the imports, which give Ray's logger its level: its INFO lines (the upload of the
+    # working directory) are not this command's output
     logging.getLogger("ray").setLevel(logging.ERROR)
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:

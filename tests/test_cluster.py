@@ -26,7 +26,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from tests.cluster_scenario import Cluster, raycord, wait_for
+from bot.deploy import ENTRYPOINT
+from tests.cluster_scenario import ROOT, Cluster, raycord, wait_for
 from tests.discord_harness import TOKEN, StandIn, reply_to
 
 pytestmark = pytest.mark.cluster
@@ -103,7 +104,7 @@ def outcome() -> Iterator[dict[str, Any]]:
         out["phases"][phase] = round(time.monotonic() - started, 1)
 
     try:
-        cluster = Cluster(root)
+        cluster = live = Cluster(root)
         env = deploy_env(cluster, stand_in)
         mark("cluster up")
         out["worker_ids"] = sorted(cluster.worker_node_ids())
@@ -135,11 +136,11 @@ def outcome() -> Iterator[dict[str, Any]]:
         mark("traffic before")
         worker = cluster.workers[0]
         worker.kill()
-        wait_for("the worker's death", lambda: len(cluster.alive_nodes()) == 1 if cluster else None)
+        wait_for("the worker's death", lambda: len(live.alive_nodes()) == 1)
         services = set(out["actors_before"])
         wait_for(
             "every service back",
-            lambda: {a["name"] for a in cluster.alive_actors(NAMESPACE)} >= services if cluster else None,
+            lambda: {a["name"] for a in live.alive_actors(NAMESPACE)} >= services,
             timeout=90,
         )
         mark("services back")
@@ -162,6 +163,19 @@ def outcome() -> Iterator[dict[str, Any]]:
         out["stop"] = {"rc": stopped.returncode, "stdout": stopped.stdout, "stderr": stopped.stderr[-3000:]}
         out["actors_after_stop"] = [a["name"] for a in cluster.alive_actors(NAMESPACE)]
         mark("stopped")
+        # the README's `ray job submit` with the committed runtime env; no Discord token in it
+        submitted = subprocess.run(
+            [
+                "ray", "job", "submit", "--address", cluster.dashboard_url,
+                "--runtime-env", "deploy/runtime_env.yaml", "--", *ENTRYPOINT.split(),
+            ],
+            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        out["ray_job_submit"] = {
+            "rc": submitted.returncode,
+            "output": (submitted.stdout + submitted.stderr)[-3000:],
+        }
+        mark("ray job submit")
 
         out["said"] = said
         out["turns"] = stored_turns(state_dir)
@@ -206,6 +220,12 @@ def test_a_wrong_token_is_refused_saying_how_to_pass_the_right_one(outcome: dict
     assert refused["rc"] == 1, refused
     assert "refused" in refused["stderr"] and "RAY_AUTH_TOKEN" in refused["stderr"], refused
     assert TOKEN not in refused["stderr"]
+
+
+def test_a_job_with_no_token_and_no_terminal_fails_saying_so(outcome: dict[str, Any]) -> None:
+    submitted = outcome["ray_job_submit"]
+    assert "no Discord token and no terminal" in submitted["output"], submitted
+    assert submitted["rc"] != 0 and "failed" in submitted["output"].lower(), submitted
 
 
 def test_state_is_pinned_to_the_head_and_stateless_replicas_spread(outcome: dict[str, Any]) -> None:
