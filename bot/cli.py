@@ -203,7 +203,7 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         flags = {"RAYCORD_LLM__BASE_URL": args.llm_base_url, "RAYCORD_LLM__MODEL": args.model}
-        deployment = submit(settings, address, working_dir, os.environ, flags)
+        deployment = submit(settings, address, working_dir, os.environ, flags, args.config)
     except DeployError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1

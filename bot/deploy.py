@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -28,6 +29,7 @@ __all__ = [
     "SECRET_VARIABLES",
     "DeployError",
     "Deployment",
+    "entrypoint",
     "in_ray_job",
     "job_environment",
     "runtime_env",
@@ -105,6 +107,24 @@ def runtime_env(working_dir: Path, env_vars: Mapping[str, str]) -> dict[str, Any
     return {"working_dir": str(working_dir), "excludes": list(DEPLOY_EXCLUDES), "env_vars": dict(env_vars)}
 
 
+def entrypoint(working_dir: Path, config: Path | None = None) -> str:
+    """The job's command: `ENTRYPOINT`, with `--config` when a YAML file is given, which the
+    job finds in its copy of the working directory.
+
+    Raises:
+        DeployError: the file is outside the working directory, so the job would not have it.
+    """
+    if config is None:
+        return ENTRYPOINT
+    resolved, root = config.resolve(), working_dir.resolve()
+    if root not in resolved.parents:
+        raise DeployError(
+            f"the config file {config} is outside the working directory {root}, which is all the job "
+            "gets: move it there (or pass --working-dir), or set its values as RAYCORD_* variables."
+        )
+    return f"{ENTRYPOINT} --config {shlex.quote(str(resolved.relative_to(root)))}"
+
+
 def _client(address: str) -> Any:
     """Ray's job client for the dashboard at `address`, with token authentication when the
     cluster uses it: RAY_AUTH_MODE as given, else on when a token is at hand (RAY_AUTH_TOKEN,
@@ -145,17 +165,19 @@ def submit(
     working_dir: Path,
     environ: Mapping[str, str],
     flags: Mapping[str, str | None] | None = None,
+    config: Path | None = None,
 ) -> Deployment:
     """Submit the bot as a Ray job.
 
     Raises:
         DeployError: the job API cannot be reached or refuses the request.
     """
+    command = entrypoint(working_dir, config)
     client = _client(address)
     job_id = f"raycord-{uuid.uuid4().hex[:12]}"
     try:
         client.submit_job(
-            entrypoint=ENTRYPOINT,
+            entrypoint=command,
             submission_id=job_id,
             runtime_env=runtime_env(working_dir, job_environment(environ, settings, flags)),
             metadata={METADATA_KEY: settings.namespace},

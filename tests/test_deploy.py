@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bot.config import Settings
-from bot.deploy import DEPLOY_EXCLUDES, job_environment, runtime_env
+from bot.deploy import DEPLOY_EXCLUDES, ENTRYPOINT, DeployError, entrypoint, job_environment, runtime_env
 from bot.runtime import (
     SERVICES,
     ConfigurationError,
@@ -69,6 +69,14 @@ def test_the_job_gets_the_settings_and_secrets_and_nothing_else(tmp_path: Path) 
         "RAYCORD_LLM__MODEL": "m",
     }
     assert runtime_env(tmp_path, env)["excludes"] == list(DEPLOY_EXCLUDES)
+
+
+def test_a_config_file_reaches_the_job_from_inside_the_working_directory_only(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    assert entrypoint(tmp_path) == ENTRYPOINT
+    assert entrypoint(tmp_path, tmp_path / "conf" / "bot.yaml") == f"{ENTRYPOINT} --config conf/bot.yaml"
+    with pytest.raises(DeployError, match="outside the working directory"):
+        entrypoint(tmp_path / "conf", tmp_path / "bot.yaml")
 
 
 def test_a_relative_state_dir_is_refused_in_cluster_mode_only() -> None:
