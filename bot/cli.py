@@ -1,4 +1,4 @@
-"""The `raycord` command: run, chat, config, status, analytics, discord, fake-gemini, fake-discord.
+"""The `raycord` command: run, chat, deploy, config, status, analytics, discord, fake-gemini, fake-discord.
 
 The load test is `python -m bench.loadtest`: benchmarks sit above the bot, not inside it."""
 
@@ -44,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     chat = sub.add_parser("chat", help="chat in the terminal (reads stdin; piped input works)")
     _common(chat)
+    deploy = sub.add_parser("deploy", help="submit the bot as a Ray job to a cluster (--stop: stop it)")
+    _common(deploy)
+    deploy.add_argument(
+        "--stop", action="store_true", help="stop the deployed bot and drain and remove its services"
+    )
+    deploy.add_argument(
+        "--working-dir", type=Path, help="the project directory the job runs (default: this raycord's)"
+    )
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     _common(config)
     status = sub.add_parser("status", help="live terminal dashboard of the running services, with alerts")
@@ -163,6 +171,46 @@ def _usable_state_dir(settings: Settings) -> str | None:
     return None
 
 
+def _deploy(args: argparse.Namespace, settings: Settings) -> int:
+    """`raycord deploy`: submit the bot as a Ray job, or `--stop` it."""
+    import os
+
+    from bot.deploy import DeployError, how_to_follow, stop, submit
+    from bot.runtime import project_root
+
+    prog = "raycord deploy"
+    address = args.address
+    if not address or "://" not in address:
+        print(f"{prog}: --address must be the head's dashboard URL, e.g. http://HEAD:8265", file=sys.stderr)
+        return 2
+    working_dir = (args.working_dir or project_root()).resolve()
+    try:
+        if args.stop:
+            stopped = stop(settings, address, working_dir)
+            jobs = ", ".join(stopped) or "none was running"
+            print(
+                f"raycord: stopped job(s): {jobs}; "
+                f"services of namespace {settings.namespace} drained and removed"
+            )
+            return 0
+        if not settings.state_dir.is_absolute():
+            print(
+                f"{prog}: the state directory {settings.state_dir} is relative; the job runs in a "
+                "directory of its own on the head. Set RAYCORD_STATE_DIR (or --state-dir) to an absolute "
+                f"path on the local disk of the node with the Ray resource {settings.state_resource!r} "
+                "(the head by default).",
+                file=sys.stderr,
+            )
+            return 2
+        flags = {"RAYCORD_LLM__BASE_URL": args.llm_base_url, "RAYCORD_LLM__MODEL": args.model}
+        deployment = submit(settings, address, working_dir, os.environ, flags, args.config)
+    except DeployError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    print(how_to_follow(deployment))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -208,10 +256,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         from bot.status import run_status
 
         return asyncio.run(run_status(settings, once=args.once))
+    if args.command == "deploy":
+        return _deploy(args, settings)
     if args.command == "analytics":
         from bot.analytics_cli import run_analytics
 
         return run_analytics(args, settings)
+    from bot.deploy import in_ray_job
+
+    if args.command == "run" and settings.discord_token is None and in_ray_job():
+        print(
+            f"{prog}: no Discord token and no terminal: this Ray job has nothing to serve. "
+            "Set DISCORD_TOKEN in the environment of `raycord deploy`, which passes it to the job.",
+            file=sys.stderr,
+        )
+        return 2
     problem = _usable_state_dir(settings)
     if problem is not None:
         print(f"{prog}: {problem}", file=sys.stderr)

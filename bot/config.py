@@ -278,6 +278,10 @@ class Settings(BaseSettings):
     #: Ray address to connect to; None starts an embedded Ray
     ray_address: str | None = None
     namespace: str = "raycord"
+    #: on a cluster, the Ray resource of the node whose local disk holds `state_dir`: the
+    #: actors keeping SQLite or DuckDB files there are pinned to it (the head by default;
+    #: start that node with `ray start --resources '{"raycord_state": 1}'` to name another)
+    state_resource: str = "node:__internal_head__"
     dashboard: bool = True
     dashboard_port: int = 8265
     log_level: str = "INFO"

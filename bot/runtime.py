@@ -46,6 +46,8 @@ class ServiceSpec:
     shardable: bool = True
     #: builds the service's config from the settings, when it needs more than one section
     config_of: Callable[[Settings], Any] | None = None
+    #: keeps files in the state directory (unless `state_url` moves them to PostgreSQL)
+    stateful: bool = False
 
 
 #: the services whose state `state_url` moves to PostgreSQL
@@ -53,9 +55,9 @@ POSTGRES_SERVICES = frozenset({"context", "ratelimit"})
 
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("cache", ResponseCache, CacheClient, "cache"),
-    ServiceSpec("context", ContextStore, ContextClient, "context"),
-    ServiceSpec("ratelimit", RateLimiter, RateLimitClient, "ratelimit"),
-    ServiceSpec("analytics", AnalyticsSink, AnalyticsClient, "analytics", shardable=False),
+    ServiceSpec("context", ContextStore, ContextClient, "context", stateful=True),
+    ServiceSpec("ratelimit", RateLimiter, RateLimitClient, "ratelimit", stateful=True),
+    ServiceSpec("analytics", AnalyticsSink, AnalyticsClient, "analytics", shardable=False, stateful=True),
     # the gateway's replicas (`llm.replicas`) split the quota between them
     ServiceSpec("llm", LLMGateway, GatewayClient, "llm", config_of=GatewayConfig.from_settings),
 )
@@ -159,15 +161,128 @@ def cluster_mode(settings: Settings) -> bool:
     return settings.ray_address is not None
 
 
+#: the share of `state_resource` a pinned actor asks for: any node holding the resource
+#: takes every pinned actor (Ray pins its own head-node actors the same way)
+PIN_AMOUNT = 0.001
+
+
+def keeps_local_state(settings: Settings, spec: ServiceSpec) -> bool:
+    """Whether the service's replicas keep embedded-store files (SQLite, DuckDB) on disk."""
+    return spec.stateful and not (settings.state_url is not None and spec.name in POSTGRES_SERVICES)
+
+
 def placement(settings: Settings, spec: ServiceSpec) -> dict[str, Any]:
     """Where a service's replicas may run (Ray actor options).
 
-    On a cluster the services outlive any one front-end, and shards of one service go to
-    different nodes so a node's death takes down as few of them as possible. A store whose
-    state is in PostgreSQL holds nothing a node must keep, so it may run on any node."""
+    On a cluster the services outlive any one front-end. An actor keeping SQLite or DuckDB
+    files is pinned to the node whose local disk holds them (`state_resource`, the head by
+    default), so a worker's death takes no state with it and a restart finds its files;
+    stateless replicas (and the stores whose state is in PostgreSQL) spread over the nodes
+    so a node's death takes down as few of them as possible."""
     if not cluster_mode(settings):
         return {}
+    if keeps_local_state(settings, spec):
+        return {"lifetime": "detached", "resources": {settings.state_resource: PIN_AMOUNT}}
     return {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+
+
+#: filesystem types (`/proc/self/mountinfo`) whose locking SQLite's WAL cannot use
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "fuse.sshfs",
+        "fuse.glusterfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.rclone",
+        "fuse.cephfs",
+        "davfs",
+    }
+)
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash in paths as octal escapes
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the filesystem holding `path` (its nearest existing ancestor), from the
+    longest mount point above it in `mountinfo` (default: this process's); None when unknown.
+
+    `statvfs` carries no filesystem type, and the mount table is what says "nfs4"."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text()
+        except OSError:
+            return None
+    target = path.resolve()
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields or len(fields) < 5:
+            continue
+        mount_point = Path(_unescape(fields[4]))
+        fstype = fields[fields.index("-") + 1]
+        if target == mount_point or mount_point in target.parents:
+            depth = len(mount_point.parts)
+            # a later mount on the same point hides the earlier one
+            if best is None or depth >= best[0]:
+                best = (depth, fstype)
+    return best[1] if best else None
+
+
+def check_state(settings: Settings, *, in_job: bool | None = None, cwd: Path | None = None) -> None:
+    """Refuse, before any actor starts, a state directory the services could not keep.
+
+    Raises:
+        ConfigurationError: in cluster mode a relative state directory (the actors run in
+            other directories, on other nodes) or one inside a Ray job's working directory
+            (Ray deletes it); SQLite files on a network filesystem (WAL needs local locks).
+    """
+    from bot.deploy import in_ray_job
+
+    state_dir = settings.state_dir
+    what_to_set = (
+        "Set RAYCORD_STATE_DIR (or --state-dir) to an absolute path on the local disk of the node "
+        f"that keeps the state (the one with the Ray resource {settings.state_resource!r}; "
+        "the head by default)"
+    )
+    if cluster_mode(settings) and not state_dir.is_absolute():
+        raise ConfigurationError(
+            f"the state directory {state_dir} is relative, and on a cluster. {what_to_set}."
+        )
+    job = in_ray_job() if in_job is None else in_job
+    resolved = state_dir.resolve()
+    workdir = (cwd or Path.cwd()).resolve()
+    if "working_dir_files" in resolved.parts or (
+        job and (resolved == workdir or workdir in resolved.parents)
+    ):
+        raise ConfigurationError(
+            f"the state directory {resolved} is inside the Ray job's working directory, which Ray "
+            f"deletes after the job. {what_to_set}."
+        )
+    if settings.state_url is None:
+        fstype = filesystem_type(state_dir)
+        if fstype in NETWORK_FILESYSTEMS:
+            raise ConfigurationError(
+                f"the state directory {resolved} is on a network filesystem ({fstype}), where "
+                "SQLite's write-ahead log cannot lock. Use a path on a node-local disk, or keep the "
+                "context store and rate limiter in PostgreSQL (RAYCORD_STATE_URL=postgresql://...)."
+            )
 
 
 def state_location(settings: Settings, spec: ServiceSpec) -> Path | PgTarget:
@@ -237,6 +352,7 @@ class Runtime:
         self.dashboard_url: str | None = None
 
     async def start(self, **ray_kwargs: Any) -> ChatPipeline:
+        check_state(self.settings)
         started = start_ray(self.settings, **ray_kwargs)
         self.owns_ray, self.dashboard_url = started.owns, started.dashboard_url
         try:
