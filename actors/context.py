@@ -73,6 +73,9 @@ class ContextConfig(BaseModel):
     #: front-end messages (bot replies, threads) remembered per shard as belonging to a
     #: conversation; past it the oldest links go first
     max_reply_links: int = Field(default=200_000, ge=1)
+    #: how long after a forget a late write for that user (one still in flight from
+    #: another front-end) is checked: turns written before the forget are dropped
+    forget_tombstone_seconds: float = Field(default=600.0, gt=0)
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,6 +236,8 @@ class ContextStore(Service):
         self._touched: set[str] = set()
         #: users whose deletion on disk is issued but not yet committed
         self._forgetting: dict[str, int] = {}
+        #: user -> when they were forgotten: a turn from before then is not stored again
+        self._tombstones: dict[str, float] = {}
         self._built: OrderedDict[str, _BuiltEntry] = OrderedDict()
         #: (server, user, other) in order of last interaction, least recent first
         self._edges: OrderedDict[tuple[str, str, str], _Edge] = OrderedDict()
@@ -280,6 +285,10 @@ class ContextStore(Service):
         self._ensure_maintenance()
         key = conversation_key(scope, user)
         rows = [self._turn_row(t) for t in turns]
+        forgotten_at = self._tombstones.get(user)
+        if forgotten_at is not None:
+            # a write that was in flight when the user was forgotten brings nothing back
+            rows = [r for r in rows if r[3] > forgotten_at]
         conv = self._touch(key, user)
         if not rows:
             return conv.version
@@ -367,10 +376,16 @@ class ContextStore(Service):
 
     @needs_state
     async def forget(self, user: str) -> int:
-        """Delete every conversation and graph edge of `user` in memory, on disk and in the
-        built-context cache; returns how many conversations there were."""
+        """Delete every conversation, reply link and graph edge of `user` in memory, on disk
+        and in the built-context cache; returns how many conversations there were.
+
+        On SQLite the deleted rows are overwritten (`secure_delete`) and the WAL is
+        checkpointed and truncated, so no file keeps their text. Turns written before the
+        forget that arrive after it (still in flight elsewhere) are dropped on arrival.
+        """
         self._ensure_maintenance()
         _check_id("user", user)
+        self._tombstones[user] = self.clock()
         memory_keys = self._user_keys.get(user, set())
         disk_keys = set(self._db.conversation_keys_of(user)) - memory_keys
         disk_keys.update(k for k in memory_keys if self._conversations[k].on_disk)
@@ -391,6 +406,8 @@ class ContextStore(Service):
             self._forgetting[user] -= 1
             if not self._forgetting[user]:
                 del self._forgetting[user]
+        if not await self._db.truncate_log():
+            log.warning("forget %s: a reader held the WAL back; the next durability point truncates it", user)
         return len(forgotten)
 
     # --- reply links ---
@@ -481,6 +498,9 @@ class ContextStore(Service):
             if now - self._last_cleanup >= self.config.cleanup_interval_seconds:
                 statements += self._cleanup(now)
                 self._last_cleanup = now
+                expired = now - self.config.forget_tombstone_seconds
+                for user in [u for u, at in self._tombstones.items() if at < expired]:
+                    del self._tombstones[user]
             # after the cleanup: its disk read must still see spilled conversations as in memory,
             # as their last activity reaches disk only with this write
             statements += self._spill()

@@ -27,7 +27,7 @@ from actors.errors import InputRejected, RaycordError
 from actors.schemas import Attachment, IncomingMessage
 from bot.config import DiscordSettings, Settings
 from bot.discord_text import DISCORD_LIMIT, split_message
-from bot.pipeline import ChatPipeline
+from bot.pipeline import FORGET_QUESTION, ChatPipeline, Forgotten
 
 log = logging.getLogger(__name__)
 
@@ -560,11 +560,9 @@ class ForgetConfirm(discord.ui.View):
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("This button is not for you.", ephemeral=True)
             return
-        removed = await self.cog.forget_user(str(self.user_id))
+        forgotten = await self.cog.forget_user(str(self.user_id))
         self.stop()
-        await interaction.response.edit_message(
-            content=f"Done: I deleted {removed} conversation(s) and every cached reply of yours.", view=None
-        )
+        await interaction.response.edit_message(content=forgotten.message(), view=None)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, _: discord.ui.Button[ForgetConfirm]) -> None:
@@ -606,7 +604,7 @@ class RaycordCommands(commands.Cog):
             return f"thread:{interaction.channel_id}"
         return f"channel:{interaction.channel_id}"
 
-    async def forget_user(self, user_id: str) -> int:
+    async def forget_user(self, user_id: str) -> Forgotten:
         return await self.pipeline.forget(user_id)
 
     async def _send(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = True) -> None:
@@ -669,7 +667,7 @@ class RaycordCommands(commands.Cog):
     @app_commands.command(name="forget", description="Delete everything the bot remembers about me")
     async def forget(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
-            "This deletes all your conversations with me and my cached replies to you. Sure?",
+            FORGET_QUESTION,
             view=ForgetConfirm(self, interaction.user.id),
             ephemeral=True,
         )

@@ -141,6 +141,30 @@ class PipelineSummary:
         ]
 
 
+#: what `/forget` asks before it deletes, in every front-end
+FORGET_QUESTION = (
+    "This deletes your conversations with me, my cached replies to you and your analytics "
+    "events; your rate-limit counts are kept. Sure?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What a forget deleted."""
+
+    conversations: int
+    cached_replies: int
+    events: int
+
+    def message(self) -> str:
+        """The reply every front-end gives."""
+        return (
+            f"Done: I deleted {self.conversations} conversation(s), {self.cached_replies} cached "
+            f"reply(ies) and {self.events} analytics event(s) of yours. Your rate-limit counts "
+            "are kept: forgetting them would reset your limits."
+        )
+
+
 def cache_scope_id(msg: IncomingMessage) -> str:
     """The audience a cached reply may be served to."""
     if msg.cache_scope == "global":
@@ -328,14 +352,17 @@ class ChatPipeline:
         """Clear `user`'s conversation in `scope`; False when there was nothing to clear."""
         return await self.context.reset(scope, user)
 
-    async def forget(self, user: str, timeout: float = 10.0) -> int:
-        """Delete every conversation and cached reply of `user`; returns the conversations
-        removed. Background writes already under way are let through first, so none of
-        them lands after the forget and brings data back."""
+    async def forget(self, user: str, timeout: float = 10.0) -> Forgotten:
+        """Delete `user`'s conversations (their reply links and graph edges with them),
+        cached replies and analytics events. Background writes already under way are let
+        through first, so none of them lands after the forget and brings data back (the
+        stores also drop late writes from before the forget, from any front-end).
+        Rate-limit counts are kept: forgetting them would reset the user's limits."""
         await self.writes.drain(timeout)
-        removed = await self.context.forget(user)
-        await self.cache.invalidate_user(user)
-        return removed
+        conversations = await self.context.forget(user)
+        cached = await self.cache.invalidate_user(user)
+        events = await self.analytics.forget_user(user)
+        return Forgotten(conversations, cached, events)
 
     async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
         """`user`'s message and command budgets (and the server's): reading them costs nothing."""

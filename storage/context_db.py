@@ -172,10 +172,12 @@ class ContextDB:
         else:
             path = db_path(state, shard)
             self.where = str(path)
-            conn = open_sqlite(path, synchronous=synchronous)
+            # secure_delete: a forgotten user's text is overwritten where it was stored,
+            # not left in freed cells and pages (`forget` promises it is gone)
+            conn = open_sqlite(path, synchronous=synchronous, secure_delete=True)
             migrate_sqlite(conn, STORE, MIGRATIONS, self.where)
             self.committer = GroupCommitter(conn, max_delay=commit_delay)
-            reader = self._reader = open_sqlite(path, synchronous=synchronous)
+            reader = self._reader = open_sqlite(path, synchronous=synchronous, secure_delete=True)
             self._rows = lambda sql, params=(): reader.execute(sql, params).fetchall()
 
     async def write(self, statements: list[Statement], urgent: bool = False) -> None:
@@ -183,6 +185,11 @@ class ContextDB:
         `urgent`: a user waits on it, so the commit does not wait for more writers."""
         if statements:
             await self.committer.write(statements, urgent)
+
+    async def truncate_log(self) -> bool:
+        """After a deletion: leave no older copy of the deleted rows in the store's log
+        (the SQLite WAL is checkpointed and truncated). True once that is so."""
+        return await self.committer.truncate_log()
 
     # --- reads (committed state only) ---
 

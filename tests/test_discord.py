@@ -412,7 +412,9 @@ async def test_the_forget_button_deletes_conversations_and_cached_replies_for_it
     assert refused.texts() == ["This button is not for you."]
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns
     done = await click(bot, confirm, member)
-    assert done.texts() == ["Done: I deleted 1 conversation(s) and every cached reply of yours."]
+    [text] = done.texts()
+    assert text.startswith("Done: I deleted 1 conversation(s), 2 cached reply(ies)")
+    assert text.endswith("Your rate-limit counts are kept: forgetting them would reset your limits.")
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
     # the /ask reply cached for the server was written for this user: it is gone too
     calls = bot.pipeline.llm.calls  # type: ignore[attr-defined]
