@@ -23,8 +23,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from actors import metrics
-from actors.errors import InputRejected, RaycordError
+from actors.errors import RaycordError
 from actors.schemas import Attachment, IncomingMessage
+from bot.attachments import Fetch
 from bot.config import DiscordSettings, Settings
 from bot.discord_text import DISCORD_LIMIT, split_message
 from bot.pipeline import FORGET_QUESTION, ChatPipeline, Forgotten
@@ -35,10 +36,8 @@ log = logging.getLogger(__name__)
 #: reply itself notifies the one person it answers
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 SOMETHING_WENT_WRONG = "Something went wrong on my side. Please try again."
-NOT_AN_IMAGE = "I can only look at images (PNG, JPEG, WebP, GIF); I left out {names}."
 REFUSED = "I'm not available to you here."
 UNKNOWN_COMMAND = "I don't know that command any more; it may have been removed. Try /ask."
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/heic", "image/heif")
 #: Discord's "Unknown interaction": the 3-second window (or the token) has passed
 _UNKNOWN_INTERACTION = 10062
 _UNKNOWN_MESSAGE = 10008
@@ -429,21 +428,20 @@ class RaycordClient(commands.Bot):
                 text = text.replace(form, "")
         return text.strip()
 
-    async def _images(self, message: discord.Message) -> tuple[Attachment, ...]:
-        refused = [a.filename for a in message.attachments if (a.content_type or "") not in _IMAGE_TYPES]
-        if refused:
-            raise InputRejected(NOT_AN_IMAGE.format(names=", ".join(refused)).rstrip("."))
-        limit = self.settings.discord.max_image_bytes
-        too_big = [a.filename for a in message.attachments if a.size > limit]
-        if too_big:
-            raise InputRejected(f"{', '.join(too_big)} is over the {limit // (1024 * 1024)} MiB image limit")
-        images = []
-        for a in message.attachments:
-            data = await a.read()
-            images.append(
-                Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=data)
-            )
-        return tuple(images)
+    @staticmethod
+    def _attachments(message: discord.Message) -> tuple[tuple[Attachment, ...], Fetch]:
+        """The message's files as metadata, and how to download one: the pipeline fetches
+        them only after the rate-limit check, and only those the attachment policy lets by."""
+        files = tuple(
+            Attachment(filename=a.filename, content_type=a.content_type, size=a.size, url=a.url)
+            for a in message.attachments
+        )
+        by_url = {a.url: a for a in message.attachments}
+
+        async def fetch(attachment: Attachment) -> bytes:
+            return await by_url[attachment.url or ""].read()
+
+        return files, fetch
 
     async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
         """With `auto_thread`, a new channel conversation gets its own thread."""
@@ -469,6 +467,7 @@ class RaycordClient(commands.Bot):
             thread = await self._open_thread(message) if new_in_channel else None
             if thread is not None:
                 scope = f"thread:{thread.id}"
+            files, fetch = self._attachments(message)
             incoming = IncomingMessage(
                 text=self._prompt_text(message),
                 user_id=str(message.author.id),
@@ -479,9 +478,9 @@ class RaycordClient(commands.Bot):
                 message_id=str(message.id),
                 mentions=tuple(str(u.id) for u in message.mentions if u != self.user),
                 reply_to_user=self._replied_user(message),
-                attachments=await self._images(message),
+                attachments=files,
             )
-            await self._answer(message, incoming, thread)
+            await self._answer(message, incoming, thread, fetch)
         except RaycordError as exc:
             await self._reply_safely(message, exc.user_message())
         except Exception:
@@ -489,7 +488,11 @@ class RaycordClient(commands.Bot):
             await self._reply_safely(message, SOMETHING_WENT_WRONG)
 
     async def _answer(
-        self, message: discord.Message, incoming: IncomingMessage, thread: discord.Thread | None
+        self,
+        message: discord.Message,
+        incoming: IncomingMessage,
+        thread: discord.Thread | None,
+        fetch: Fetch | None = None,
     ) -> None:
         target: discord.abc.Messageable = thread if thread is not None else message.channel
         async with contextlib.AsyncExitStack() as typing:
@@ -498,7 +501,7 @@ class RaycordClient(commands.Bot):
             reply = StreamedReply(
                 message, self.throttle, target=thread, errors=self.discord_errors, on_first=typing.aclose
             )
-            answer = await self.pipeline.handle(incoming, on_chunk=reply.update)
+            answer = await self.pipeline.handle(incoming, on_chunk=reply.update, fetch=fetch)
             sent = await reply.finish(answer.text)
         ids = [m.id for m in sent]
         if isinstance(target, discord.Thread):

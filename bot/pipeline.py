@@ -33,8 +33,9 @@ from actors.errors import (
 )
 from actors.ratelimit import RateLimitClient
 from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn, WindowUsage
+from bot.attachments import AttachmentPolicy, Fetch, Prepared, prepare
 from bot.config import Settings
-from bot.llm.base import LLM, ImagePart, LLMRequest, LLMResult
+from bot.llm.base import LLM, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class ChatPipeline:
         self.llm = llm
         self.clock = clock
         self.writes = BackgroundWrites()
+        self.policy = AttachmentPolicy.of(settings)
         self.model = llm.name if getattr(llm, "name", "") else settings.llm.model
         self._m_messages = metrics.counter("messages", "messages handled, by outcome", ("outcome",))
         self._m_latency = metrics.histogram(
@@ -231,9 +233,14 @@ class ChatPipeline:
         return msg
 
     async def handle(
-        self, raw: IncomingMessage | dict[str, Any], on_chunk: ChunkCallback | None = None
+        self,
+        raw: IncomingMessage | dict[str, Any],
+        on_chunk: ChunkCallback | None = None,
+        fetch: Fetch | None = None,
     ) -> ChatReply:
         """Answer one message. With `on_chunk`, a generated reply is streamed as it grows.
+        Attachments without their bytes are downloaded by `fetch`, only once the rate-limit
+        check has passed; those the attachment policy refuses are named in the reply.
 
         Raises:
             InputRejected: the message is empty, too long or malformed.
@@ -244,7 +251,7 @@ class ChatPipeline:
         started = self.clock()
         msg = self.validate(raw)
         try:
-            reply = await self._answer(msg, started, on_chunk)
+            reply = await self._answer(msg, started, on_chunk, fetch)
         except RaycordError as exc:
             outcome = "rate_limited" if isinstance(exc, RateLimited) else "error"
             latency_ms = (self.clock() - started) * 1000
@@ -267,7 +274,7 @@ class ChatPipeline:
         return reply
 
     async def _answer(
-        self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None
+        self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None, fetch: Fetch | None
     ) -> ChatReply:
         settings = self.settings
         cacheable = not msg.attachments
@@ -313,12 +320,17 @@ class ChatPipeline:
                 latency_ms=(self.clock() - started) * 1000,
             )
 
+        # after the check: a denied message costs no download
+        files = await prepare(msg.attachments, self.policy, fetch) if msg.attachments else Prepared()
+        prompt = files.prompt(msg.text)
+        if not prompt.strip() and not files.parts:
+            raise InputRejected(files.note() or "the message is empty")
         request = LLMRequest(
-            prompt=msg.text,
+            prompt=prompt,
             model=self.model,
             system_prompt="\n\n".join(filter(None, (settings.pipeline.system_prompt, built.social))),
             history=built.turns,
-            images=_images(msg),
+            images=files.parts,
             key=key,
             user=msg.user_id,
             server=msg.server_id,
@@ -334,8 +346,9 @@ class ChatPipeline:
                 "cache.set", lambda: self.cache.set(key, result.text, scope_id, user), _ids(msg)
             )
         self._remember(msg, result.text)
+        note = files.note()
         return ChatReply(
-            text=result.text,
+            text=f"{result.text}\n\n{note}" if note else result.text,
             model=result.model,
             cached=False,
             offline=result.offline,
@@ -475,11 +488,3 @@ def _check_ids(msg: IncomingMessage) -> None:
             raise InputRejected(f"{field} is longer than {_MAX_ID_CHARS} characters")
         if _ID_REFUSED.search(value):
             raise InputRejected(f"{field} holds a control character or broken unicode")
-
-
-def _images(msg: IncomingMessage) -> tuple[ImagePart, ...]:
-    return tuple(
-        ImagePart(a.content_type or "application/octet-stream", a.data, a.filename)
-        for a in msg.attachments
-        if a.data is not None
-    )

@@ -200,17 +200,6 @@ async def test_a_rate_limited_user_is_told_when_to_ask_again(ray_session: None, 
         await rt.shutdown(kill_actors=True)
 
 
-@pytest.mark.asyncio
-async def test_a_non_image_attachment_is_refused_politely(bot: RaycordClient, tmp_path: Path) -> None:
-    channel = dpytest.get_config().channels[0]
-    doc = tmp_path / "notes.txt"
-    doc.write_text("hello")
-    await dpytest.message(mention(bot, "read this"), channel=channel, attachments=[str(doc)])
-    replies = bot_replies(bot, channel)
-    assert len(replies) == 1
-    assert "I can only look at images" in replies[0] and "notes.txt" in replies[0]
-
-
 # -- slash commands --------------------------------------------------------------------
 
 
