@@ -76,6 +76,8 @@ class ContextConfig(BaseModel):
     #: how long after a forget a late write for that user (one still in flight from
     #: another front-end) is checked: turns written before the forget are dropped
     forget_tombstone_seconds: float = Field(default=600.0, gt=0)
+    #: the longest persona a server may set (a system prompt sent with every request)
+    max_persona_chars: int = Field(default=4_000, ge=1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,6 +89,8 @@ class BuiltContext:
     digest: str
     version: int
     social: str = ""
+    #: the server's persona (its own system prompt), "" when it has none
+    persona: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -192,14 +196,27 @@ def graph_key(server: str) -> str:
     return f"server{_SEP}{server}"
 
 
-def assemble(turns: tuple[tuple[str, str, str], ...], version: int, social: str = "") -> BuiltContext:
-    """A BuiltContext with the digest of everything the LLM will see."""
+def assemble(
+    turns: tuple[tuple[str, str, str], ...], version: int, social: str = "", persona: str = ""
+) -> BuiltContext:
+    """A BuiltContext with the digest of everything the LLM will see (the persona too, so
+    a changed persona changes every cache key it goes into)."""
     h = hashlib.blake2b(digest_size=16)
     for role, author, text in turns:
         h.update(f"{role}{_SEP}{author}{_SEP}{text}\x1e".encode())
     if social:
         h.update(f"\x1dsocial{_SEP}{social}".encode())
-    return BuiltContext(turns, h.hexdigest(), version, social)
+    if persona:
+        h.update(f"\x1dpersona{_SEP}{persona}".encode())
+    return BuiltContext(turns, h.hexdigest(), version, social, persona)
+
+
+def check_persona(persona: str, max_chars: int) -> None:
+    """Raises ValueError when `persona` cannot be a server's persona: empty, or too long."""
+    if not persona.strip():
+        raise ValueError("a persona cannot be empty (/persona reset clears it)")
+    if len(persona) > max_chars:
+        raise ValueError(f"the persona is {len(persona):,} characters long; the limit is {max_chars:,}")
 
 
 class ContextStore(Service):
@@ -243,6 +260,8 @@ class ContextStore(Service):
         self._edges: OrderedDict[tuple[str, str, str], _Edge] = OrderedDict()
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._user_servers: dict[str, set[str]] = {}
+        #: server -> its persona, for the servers whose graph this shard owns
+        self._personas: dict[str, str] = {}
         self._graph_version = 0
         self._turn_total = self._char_total = self._bytes = 0
         self._disk_conversations = 0
@@ -262,6 +281,7 @@ class ContextStore(Service):
         try:
             self._disk_conversations = db.count_conversations()
             self._load_graph(db)
+            self._personas = db.load_personas()
         except BaseException:
             db.close()
             raise
@@ -334,6 +354,7 @@ class ContextStore(Service):
             and entry.built.version == conv.version
             and entry.server == server
             and entry.node_version == node_version
+            and entry.built.persona == (self._personas.get(server, "") if server is not None else "")
         ):
             self._built.move_to_end(key)
             self.built_hits += 1
@@ -343,6 +364,7 @@ class ContextStore(Service):
             tuple((r, a, t) for r, a, t, _ in conv.turns),
             conv.version,
             self._social_line(user, node),
+            self._personas.get(server, "") if server is not None else "",
         )
         self._drop_built(key)
         entry = _BuiltEntry(built, server, node_version)
@@ -409,6 +431,41 @@ class ContextStore(Service):
         if not await self._db.truncate_log():
             log.warning("forget %s: a reader held the WAL back; the next durability point truncates it", user)
         return len(forgotten)
+
+    # --- server settings ---
+
+    @needs_state
+    async def set_persona(self, server: str, persona: str) -> None:
+        """Store `server`'s persona durably; it goes into the server's requests from now on.
+
+        Raises:
+            ValueError: an empty or over-long persona, or a malformed server id.
+        """
+        _check_id("server", server)
+        check_persona(persona, self.config.max_persona_chars)
+        await self._db.write([ContextDB.set_persona(server, persona)], urgent=True)
+        self._personas[server] = persona
+
+    @needs_state
+    async def reset_persona(self, server: str) -> bool:
+        """Clear `server`'s persona; False when it had none."""
+        _check_id("server", server)
+        had = server in self._personas
+        await self._db.write([ContextDB.set_persona(server, "")], urgent=True)
+        self._personas.pop(server, None)
+        return had
+
+    @needs_state
+    async def persona(self, server: str) -> str:
+        """`server`'s persona, "" when it has none."""
+        _check_id("server", server)
+        return self._personas.get(server, "")
+
+    @needs_state
+    async def server_context(self, server: str, user: str) -> tuple[str, str]:
+        """`user`'s social line in `server` and the server's persona (one call for a build
+        whose conversation lives on another shard)."""
+        return await self.social(server, user), self._personas.get(server, "")
 
     # --- reply links ---
 
@@ -858,7 +915,7 @@ class ContextClient(ShardedClient):
     a server's social graph by the server id."""
 
     #: a reply-link lookup is a read: retried while its replica restarts
-    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope"}
+    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona"}
 
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
@@ -873,11 +930,21 @@ class ContextClient(ShardedClient):
         graph_owner = self.handle_for(graph_key(server))
         if graph_owner is owner:
             return await self._batched(owner, ContextStore.build, scope, user, server)
-        built, social = await asyncio.gather(
+        built, (social, persona) = await asyncio.gather(
             self._batched(owner, ContextStore.build, scope, user),
-            self._batched(graph_owner, ContextStore.social, server, user),
+            self._batched(graph_owner, ContextStore.server_context, server, user),
         )
-        return assemble(built.turns, built.version, social) if social else built
+        return assemble(built.turns, built.version, social, persona) if social or persona else built
+
+    async def set_persona(self, server: str, persona: str) -> None:
+        """A server's settings live on the shard that owns its graph."""
+        await self._call(self.handle_for(graph_key(server)), ContextStore.set_persona, server, persona)
+
+    async def reset_persona(self, server: str) -> bool:
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.reset_persona, server)
+
+    async def persona(self, server: str) -> str:
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.persona, server)
 
     async def record_interaction(
         self, server: str, user: str, mentions: list[str], reply_to: str | None = None

@@ -697,6 +697,45 @@ class RaycordCommands(commands.Cog):
         lines = (await self.pipeline.summary()).lines()
         await self._send(interaction, "\n".join(lines))
 
+    persona = app_commands.Group(
+        name="persona", description="This server's persona for the bot (Manage Server)", guild_only=True
+    )
+
+    async def _may_manage_server(self, interaction: discord.Interaction) -> bool:
+        member = interaction.user
+        if self.bot.gate.is_admin(member.id) or (
+            isinstance(member, discord.Member) and member.guild_permissions.manage_guild
+        ):
+            return True
+        await self._send(interaction, "Changing the persona needs the Manage Server permission.")
+        return False
+
+    @persona.command(name="set", description="Give the bot a persona in this server")
+    @app_commands.describe(text="The persona: a system prompt sent after the bot's own")
+    async def persona_set(self, interaction: discord.Interaction, text: str) -> None:
+        if interaction.guild_id is None or not await self._may_manage_server(interaction):
+            return
+        await self._defer(interaction)
+        await self.pipeline.set_persona(str(interaction.guild_id), text)
+        await self._send(interaction, f"Persona set ({len(text):,} characters).")
+
+    @persona.command(name="show", description="Show the bot's persona in this server")
+    async def persona_show(self, interaction: discord.Interaction) -> None:
+        if interaction.guild_id is None:
+            return
+        await self._defer(interaction)
+        text = await self.pipeline.persona(str(interaction.guild_id))
+        shown = f"This server's persona:\n{text}" if text else "This server has no persona."
+        await self._send(interaction, shown)
+
+    @persona.command(name="reset", description="Remove the bot's persona in this server")
+    async def persona_reset(self, interaction: discord.Interaction) -> None:
+        if interaction.guild_id is None or not await self._may_manage_server(interaction):
+            return
+        await self._defer(interaction)
+        had = await self.pipeline.reset_persona(str(interaction.guild_id))
+        await self._send(interaction, "Persona removed." if had else "This server had no persona.")
+
     @app_commands.command(name="model", description="(admins) switch the model")
     @app_commands.describe(name="Model name, e.g. gemini-2.5-flash")
     async def model(self, interaction: discord.Interaction, name: str) -> None:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from actors import metrics
 from actors.analytics import AnalyticsClient
 from actors.cache import CacheClient, cache_key
-from actors.context import BuiltContext, ContextClient
+from actors.context import BuiltContext, ContextClient, assemble, check_persona
 from actors.errors import (
     InputRejected,
     RateLimited,
@@ -283,12 +283,18 @@ class ChatPipeline:
             # no context to wait for: the key is known now, so the cache lookup shares the
             # rate-limit check's round trip (a denied request's lookup is simply dropped)
             built = _EMPTY_CONTEXT
-            key = self._key(msg, scope_id, built) if cacheable else ""
             check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
-            if cacheable:
+            if msg.server_id is not None:
+                # the server's persona is part of the key: it is asked beside the check
+                decision, persona = await asyncio.gather(check, self.context.persona(msg.server_id))
+                built = assemble((), 0, "", persona) if persona else _EMPTY_CONTEXT
+                key = self._key(msg, scope_id, built) if cacheable else ""
+                cached = await self.cache.get(key, scope_id) if cacheable and decision.allowed else None
+            elif cacheable:
+                key = self._key(msg, scope_id, built)
                 decision, cached = await asyncio.gather(check, self.cache.get(key, scope_id))
             else:
-                decision, cached = await check, None
+                key, decision, cached = "", await check, None
             # one round trip: the admit stage includes the cache lookup here
             self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
             if not decision.allowed:
@@ -328,7 +334,9 @@ class ChatPipeline:
         request = LLMRequest(
             prompt=prompt,
             model=self.model,
-            system_prompt="\n\n".join(filter(None, (settings.pipeline.system_prompt, built.social))),
+            system_prompt="\n\n".join(
+                filter(None, (settings.pipeline.system_prompt, built.persona, built.social))
+            ),
             history=built.turns,
             images=files.parts,
             key=key,
@@ -376,6 +384,26 @@ class ChatPipeline:
         cached = await self.cache.invalidate_user(user)
         events = await self.analytics.forget_user(user)
         return Forgotten(conversations, cached, events)
+
+    async def set_persona(self, server: str, persona: str) -> None:
+        """Give `server` its own persona, sent after the global system prompt.
+
+        Raises:
+            InputRejected: the persona is empty or over `context.max_persona_chars`.
+        """
+        try:
+            check_persona(persona, self.settings.context.max_persona_chars)
+        except ValueError as exc:
+            raise InputRejected(str(exc)) from None
+        await self.context.set_persona(server, persona)
+
+    async def persona(self, server: str) -> str:
+        """`server`'s persona, "" when it has none."""
+        return await self.context.persona(server)
+
+    async def reset_persona(self, server: str) -> bool:
+        """Clear `server`'s persona; False when it had none."""
+        return await self.context.reset_persona(server)
 
     async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
         """`user`'s message and command budgets (and the server's): reading them costs nothing."""

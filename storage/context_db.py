@@ -124,6 +124,22 @@ CREATE INDEX reply_links_by_key ON reply_links(key);
 CREATE INDEX reply_links_by_user ON reply_links("user");
 """,
     ),
+    Migration(
+        3,
+        # what a server chose for itself: its persona (a system prompt after the global one)
+        sqlite="""
+CREATE TABLE IF NOT EXISTS server_settings (
+    server TEXT PRIMARY KEY,
+    persona TEXT NOT NULL DEFAULT ''
+);
+""",
+        postgres="""
+CREATE TABLE server_settings (
+    server TEXT PRIMARY KEY,
+    persona TEXT NOT NULL DEFAULT ''
+);
+""",
+    ),
 )
 
 #: (role, author, text, time) as stored
@@ -225,6 +241,10 @@ class ContextDB:
         edges = self._rows('SELECT count(*) FROM graph_edges WHERE "user" = ? OR other = ?', (user, user))
         return int(convs[0][0]), int(edges[0][0])
 
+    def load_personas(self) -> dict[str, str]:
+        rows = self._rows("SELECT server, persona FROM server_settings WHERE persona <> ''")
+        return {str(r[0]): str(r[1]) for r in rows}
+
     def reply_scope(self, message_id: str) -> str | None:
         rows = self._rows("SELECT scope FROM reply_links WHERE message_id = ?", (message_id,))
         return None if not rows else str(rows[0][0])
@@ -295,6 +315,15 @@ class ContextDB:
             ('DELETE FROM reply_links WHERE "user" = ?', (user,)),
             ('DELETE FROM graph_edges WHERE "user" = ? OR other = ?', (user, user)),
         ]
+
+    @staticmethod
+    def set_persona(server: str, persona: str) -> Statement:
+        """Store (or, with "", clear) a server's persona."""
+        return (
+            "INSERT INTO server_settings (server, persona) VALUES (?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET persona = excluded.persona",
+            (server, persona),
+        )
 
     @staticmethod
     def upsert_edge(row: EdgeRow) -> Statement:
