@@ -91,6 +91,8 @@ class BuiltContext:
     social: str = ""
     #: the server's persona (its own system prompt), "" when it has none
     persona: str = ""
+    #: the model the server chose, "" for the bot's default
+    model: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -197,7 +199,11 @@ def graph_key(server: str) -> str:
 
 
 def assemble(
-    turns: tuple[tuple[str, str, str], ...], version: int, social: str = "", persona: str = ""
+    turns: tuple[tuple[str, str, str], ...],
+    version: int,
+    social: str = "",
+    persona: str = "",
+    model: str = "",
 ) -> BuiltContext:
     """A BuiltContext with the digest of everything the LLM will see (the persona too, so
     a changed persona changes every cache key it goes into)."""
@@ -208,7 +214,8 @@ def assemble(
         h.update(f"\x1dsocial{_SEP}{social}".encode())
     if persona:
         h.update(f"\x1dpersona{_SEP}{persona}".encode())
-    return BuiltContext(turns, h.hexdigest(), version, social, persona)
+    # the model is not in the digest: the cache key names it on its own
+    return BuiltContext(turns, h.hexdigest(), version, social, persona, model)
 
 
 def check_persona(persona: str, max_chars: int) -> None:
@@ -260,8 +267,9 @@ class ContextStore(Service):
         self._edges: OrderedDict[tuple[str, str, str], _Edge] = OrderedDict()
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._user_servers: dict[str, set[str]] = {}
-        #: server -> its persona, for the servers whose graph this shard owns
+        #: server -> its persona and its model, for the servers whose graph this shard owns
         self._personas: dict[str, str] = {}
+        self._models: dict[str, str] = {}
         self._graph_version = 0
         self._turn_total = self._char_total = self._bytes = 0
         self._disk_conversations = 0
@@ -281,7 +289,9 @@ class ContextStore(Service):
         try:
             self._disk_conversations = db.count_conversations()
             self._load_graph(db)
-            self._personas = db.load_personas()
+            chosen = db.load_server_settings()
+            self._personas = {s: p for s, (p, _) in chosen.items() if p}
+            self._models = {s: m for s, (_, m) in chosen.items() if m}
         except BaseException:
             db.close()
             raise
@@ -354,7 +364,7 @@ class ContextStore(Service):
             and entry.built.version == conv.version
             and entry.server == server
             and entry.node_version == node_version
-            and entry.built.persona == (self._personas.get(server, "") if server is not None else "")
+            and (entry.built.persona, entry.built.model) == self._profile(server)
         ):
             self._built.move_to_end(key)
             self.built_hits += 1
@@ -364,7 +374,7 @@ class ContextStore(Service):
             tuple((r, a, t) for r, a, t, _ in conv.turns),
             conv.version,
             self._social_line(user, node),
-            self._personas.get(server, "") if server is not None else "",
+            *self._profile(server),
         )
         self._drop_built(key)
         entry = _BuiltEntry(built, server, node_version)
@@ -462,10 +472,33 @@ class ContextStore(Service):
         return self._personas.get(server, "")
 
     @needs_state
-    async def server_context(self, server: str, user: str) -> tuple[str, str]:
-        """`user`'s social line in `server` and the server's persona (one call for a build
-        whose conversation lives on another shard)."""
-        return await self.social(server, user), self._personas.get(server, "")
+    async def set_model(self, server: str, model: str) -> None:
+        """Store the model `server` chose ("" goes back to the bot's default)."""
+        _check_id("server", server)
+        if model:
+            _check_id("model", model)
+        await self._db.write([ContextDB.set_model(server, model)], urgent=True)
+        if model:
+            self._models[server] = model
+        else:
+            self._models.pop(server, None)
+
+    @needs_state
+    async def profile(self, server: str) -> tuple[str, str]:
+        """`server`'s persona and model ("" for none)."""
+        _check_id("server", server)
+        return self._profile(server)
+
+    @needs_state
+    async def server_context(self, server: str, user: str) -> tuple[str, str, str]:
+        """`user`'s social line in `server`, the server's persona and model (one call for a
+        build whose conversation lives on another shard)."""
+        return (await self.social(server, user), *self._profile(server))
+
+    def _profile(self, server: str | None) -> tuple[str, str]:
+        if server is None:
+            return "", ""
+        return self._personas.get(server, ""), self._models.get(server, "")
 
     # --- reply links ---
 
@@ -915,7 +948,7 @@ class ContextClient(ShardedClient):
     a server's social graph by the server id."""
 
     #: a reply-link lookup is a read: retried while its replica restarts
-    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona"}
+    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona", "profile"}
 
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
@@ -930,11 +963,13 @@ class ContextClient(ShardedClient):
         graph_owner = self.handle_for(graph_key(server))
         if graph_owner is owner:
             return await self._batched(owner, ContextStore.build, scope, user, server)
-        built, (social, persona) = await asyncio.gather(
+        built, (social, persona, model) = await asyncio.gather(
             self._batched(owner, ContextStore.build, scope, user),
             self._batched(graph_owner, ContextStore.server_context, server, user),
         )
-        return assemble(built.turns, built.version, social, persona) if social or persona else built
+        if social or persona or model:
+            return assemble(built.turns, built.version, social, persona, model)
+        return built
 
     async def set_persona(self, server: str, persona: str) -> None:
         """A server's settings live on the shard that owns its graph."""
@@ -945,6 +980,13 @@ class ContextClient(ShardedClient):
 
     async def persona(self, server: str) -> str:
         return await self._call(self.handle_for(graph_key(server)), ContextStore.persona, server)
+
+    async def set_model(self, server: str, model: str) -> None:
+        await self._call(self.handle_for(graph_key(server)), ContextStore.set_model, server, model)
+
+    async def profile(self, server: str) -> tuple[str, str]:
+        """`server`'s persona and model ("" for none), in one call."""
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.profile, server)
 
     async def record_interaction(
         self, server: str, user: str, mentions: list[str], reply_to: str | None = None

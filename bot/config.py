@@ -146,6 +146,10 @@ class LLMSettings(BaseModel):
     model: str = "gemini-2.5-flash"
     #: tried in order when the model answers 429 (quota) or 503 (overloaded)
     fallback_models: list[str] = Field(default_factory=list)
+    #: what a server may choose with /model (its choice persists in the context store)
+    allowed_models: list[str] = Field(
+        default_factory=lambda: ["gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro"]
+    )
     base_url: str | None = None
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_output_tokens: int = Field(default=1024, ge=1)

@@ -694,20 +694,24 @@ class RaycordCommands(commands.Cog):
         if not await self._admin_only(interaction):
             return
         await self._defer(interaction)
-        lines = (await self.pipeline.summary()).lines()
+        lines = (
+            await self.pipeline.summary(str(interaction.guild_id) if interaction.guild_id else None)
+        ).lines()
         await self._send(interaction, "\n".join(lines))
 
     persona = app_commands.Group(
         name="persona", description="This server's persona for the bot (Manage Server)", guild_only=True
     )
 
-    async def _may_manage_server(self, interaction: discord.Interaction) -> bool:
+    async def _may_manage_server(
+        self, interaction: discord.Interaction, what: str = "Changing the persona"
+    ) -> bool:
         member = interaction.user
         if self.bot.gate.is_admin(member.id) or (
             isinstance(member, discord.Member) and member.guild_permissions.manage_guild
         ):
             return True
-        await self._send(interaction, "Changing the persona needs the Manage Server permission.")
+        await self._send(interaction, f"{what} needs the Manage Server permission.")
         return False
 
     @persona.command(name="set", description="Give the bot a persona in this server")
@@ -736,13 +740,38 @@ class RaycordCommands(commands.Cog):
         had = await self.pipeline.reset_persona(str(interaction.guild_id))
         await self._send(interaction, "Persona removed." if had else "This server had no persona.")
 
-    @app_commands.command(name="model", description="(admins) switch the model")
-    @app_commands.describe(name="Model name, e.g. gemini-2.5-flash")
+    @app_commands.command(name="model", description="Choose this server's model (Manage Server or admins)")
+    @app_commands.describe(name="One of the allowed models")
     async def model(self, interaction: discord.Interaction, name: str) -> None:
-        if not await self._admin_only(interaction):
+        name = name.strip()
+        if interaction.guild_id is None:
+            # outside a server there is no server to choose for: the bot's admins switch
+            # the default model of this front-end (in memory)
+            if not await self._admin_only(interaction):
+                return
+            allowed = self.bot.settings.llm.allowed_models
+            if name not in allowed:
+                await self._send(
+                    interaction, f"{name} is not an allowed model; choose one of {', '.join(allowed)}."
+                )
+                return
+            previous, self.pipeline.model = self.pipeline.model, name
+            await self._send(interaction, f"Model switched from {previous} to {name}.")
             return
-        previous, self.pipeline.model = self.pipeline.model, name.strip()
-        await self._send(interaction, f"Model switched from {previous} to {self.pipeline.model}.")
+        if not await self._may_manage_server(interaction, "Choosing the model"):
+            return
+        await self._defer(interaction)
+        server = str(interaction.guild_id)
+        previous = await self.pipeline.server_model(server)
+        await self.pipeline.set_model(server, name)
+        await self._send(interaction, f"This server's model switched from {previous} to {name}.")
+
+    @model.autocomplete("name")
+    async def _model_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        allowed = self.bot.settings.llm.allowed_models
+        return [app_commands.Choice(name=m, value=m) for m in allowed if current.lower() in m.lower()][:25]
 
 
 def use_api_base(url: str) -> None:

@@ -285,9 +285,9 @@ class ChatPipeline:
             built = _EMPTY_CONTEXT
             check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
             if msg.server_id is not None:
-                # the server's persona is part of the key: it is asked beside the check
-                decision, persona = await asyncio.gather(check, self.context.persona(msg.server_id))
-                built = assemble((), 0, "", persona) if persona else _EMPTY_CONTEXT
+                # the server's persona and model are part of the key: asked beside the check
+                decision, (persona, model) = await asyncio.gather(check, self.context.profile(msg.server_id))
+                built = assemble((), 0, "", persona, model) if persona or model else _EMPTY_CONTEXT
                 key = self._key(msg, scope_id, built) if cacheable else ""
                 cached = await self.cache.get(key, scope_id) if cacheable and decision.allowed else None
             elif cacheable:
@@ -314,15 +314,17 @@ class ChatPipeline:
                 cached = await self.cache.get(key, scope_id)
                 self._m_stage.observe((self.clock() - looked_up) * 1000, tags={"stage": "cache"})
 
+        model = built.model or self.model
         if cached is not None:
             if on_chunk is not None:
                 await on_chunk(cached)
             self._remember(msg, cached)
             return ChatReply(
                 text=cached,
-                model=self.model,
+                # the key names the model, so the reply it finds is that model's
+                model=model,
                 cached=True,
-                offline=self.model == "offline-echo",
+                offline=model == "offline-echo",
                 latency_ms=(self.clock() - started) * 1000,
             )
 
@@ -333,7 +335,7 @@ class ChatPipeline:
             raise InputRejected(files.note() or "the message is empty")
         request = LLMRequest(
             prompt=prompt,
-            model=self.model,
+            model=model,
             system_prompt="\n\n".join(
                 filter(None, (settings.pipeline.system_prompt, built.persona, built.social))
             ),
@@ -405,16 +407,36 @@ class ChatPipeline:
         """Clear `server`'s persona; False when it had none."""
         return await self.context.reset_persona(server)
 
+    async def set_model(self, server: str, model: str) -> None:
+        """Make `model` (one of `llm.allowed_models`; "" for the default) `server`'s model.
+
+        Raises:
+            InputRejected: the model is not one of `llm.allowed_models`.
+        """
+        allowed = self.settings.llm.allowed_models
+        if model and model not in allowed:
+            raise InputRejected(f"{model} is not an allowed model; choose one of {', '.join(allowed)}")
+        await self.context.set_model(server, model)
+
+    async def server_model(self, server: str | None) -> str:
+        """The model `server`'s requests go to: its own choice, or the default."""
+        if server is None:
+            return self.model
+        return (await self.context.profile(server))[1] or self.model
+
     async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
         """`user`'s message and command budgets (and the server's): reading them costs nothing."""
         return await self.limiter.usage(user, server)
 
-    async def summary(self) -> PipelineSummary:
-        """The model, the cache's hit rate and entries, and the writes still pending."""
-        cache, analytics = await asyncio.gather(self.cache.stats(), self.analytics.stats())
+    async def summary(self, server: str | None = None) -> PipelineSummary:
+        """The model (`server`'s, when given), the cache's hit rate and entries, and the
+        writes still pending."""
+        cache, analytics, model = await asyncio.gather(
+            self.cache.stats(), self.analytics.stats(), self.server_model(server)
+        )
         hits = sum(s.hits for s in cache)
         return PipelineSummary(
-            model=self.model,
+            model=model,
             cache_hits=hits,
             cache_lookups=hits + sum(s.misses for s in cache),
             cache_entries=sum(s.entries for s in cache),
@@ -424,7 +446,11 @@ class ChatPipeline:
 
     def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:
         return cache_key(
-            self.model, self.settings.pipeline.system_prompt_version, scope_id, msg.text, built.digest
+            built.model or self.model,
+            self.settings.pipeline.system_prompt_version,
+            scope_id,
+            msg.text,
+            built.digest,
         )
 
     async def _generate(self, request: LLMRequest, on_chunk: ChunkCallback | None) -> LLMResult:

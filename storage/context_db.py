@@ -126,17 +126,20 @@ CREATE INDEX reply_links_by_user ON reply_links("user");
     ),
     Migration(
         3,
-        # what a server chose for itself: its persona (a system prompt after the global one)
+        # what a server chose for itself: its persona (a system prompt after the global
+        # one) and its model ("" for either: the bot's default)
         sqlite="""
 CREATE TABLE IF NOT EXISTS server_settings (
     server TEXT PRIMARY KEY,
-    persona TEXT NOT NULL DEFAULT ''
+    persona TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT ''
 );
 """,
         postgres="""
 CREATE TABLE server_settings (
     server TEXT PRIMARY KEY,
-    persona TEXT NOT NULL DEFAULT ''
+    persona TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT ''
 );
 """,
     ),
@@ -241,9 +244,12 @@ class ContextDB:
         edges = self._rows('SELECT count(*) FROM graph_edges WHERE "user" = ? OR other = ?', (user, user))
         return int(convs[0][0]), int(edges[0][0])
 
-    def load_personas(self) -> dict[str, str]:
-        rows = self._rows("SELECT server, persona FROM server_settings WHERE persona <> ''")
-        return {str(r[0]): str(r[1]) for r in rows}
+    def load_server_settings(self) -> dict[str, tuple[str, str]]:
+        """server -> (persona, model) for every server that chose either."""
+        rows = self._rows(
+            "SELECT server, persona, model FROM server_settings WHERE persona <> '' OR model <> ''"
+        )
+        return {str(r[0]): (str(r[1]), str(r[2])) for r in rows}
 
     def reply_scope(self, message_id: str) -> str | None:
         rows = self._rows("SELECT scope FROM reply_links WHERE message_id = ?", (message_id,))
@@ -323,6 +329,15 @@ class ContextDB:
             "INSERT INTO server_settings (server, persona) VALUES (?, ?) "
             "ON CONFLICT (server) DO UPDATE SET persona = excluded.persona",
             (server, persona),
+        )
+
+    @staticmethod
+    def set_model(server: str, model: str) -> Statement:
+        """Store (or, with "", clear) a server's model."""
+        return (
+            "INSERT INTO server_settings (server, model) VALUES (?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET model = excluded.model",
+            (server, model),
         )
 
     @staticmethod

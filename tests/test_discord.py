@@ -419,18 +419,24 @@ async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bo
     assert "minute:" in limits.texts()[0] and "left" in limits.texts()[0]
     refused = await invoke(bot, "stats", member)
     assert refused.texts() == ["That command is for the bot's admins."]
-    refused_model = await invoke(bot, "model", member, name="gemini-x")
-    assert refused_model.texts() == ["That command is for the bot's admins."]
+    refused_model = await invoke(bot, "model", member, name="gemini-2.5-pro")
+    assert refused_model.texts() == ["Choosing the model needs the Manage Server permission."]
     bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": [str(member.id)]})
     stats = await invoke(bot, "stats", member)
     assert "hit rate" in stats.texts()[0]
     before = bot.pipeline.model
+    server = str(member.guild.id)
     try:
-        switched = await invoke(bot, "model", member, name="gemini-x")
-        assert switched.texts() == [f"Model switched from {before} to gemini-x."]
-        assert bot.pipeline.model == "gemini-x"
+        unknown = await invoke(bot, "model", member, name="gemini-x")
+        assert "gemini-x is not an allowed model; choose one of gemini-2.5-flash" in unknown.texts()[0]
+        switched = await invoke(bot, "model", member, name="gemini-2.5-pro")
+        assert switched.texts() == [f"This server's model switched from {before} to gemini-2.5-pro."]
+        # the server's choice persists in the context store; the front-end's default is unchanged
+        assert bot.pipeline.model == before
+        assert await bot.pipeline.server_model(server) == "gemini-2.5-pro"
+        assert "model: gemini-2.5-pro" in (await invoke(bot, "stats", member)).texts()[0]
     finally:
-        bot.pipeline.model = before
+        await bot.pipeline.set_model(server, "")
 
 
 @pytest.mark.asyncio

@@ -1,5 +1,6 @@
-"""Per-server personas: stored durably in the context store (both backends), bounded,
-sent after the global system prompt, and part of the cache key."""
+"""Per-server personas and models: stored durably in the context store (both backends),
+bounded (a persona) or chosen from `llm.allowed_models` (a model), sent with the server's
+requests, and part of the cache key."""
 
 from __future__ import annotations
 
@@ -40,15 +41,20 @@ async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[M
 async def test_a_persona_survives_a_restart_and_reset_removes_it(make_store: MakeStore) -> None:
     store = make_store()
     await store.set_persona("srv", "You are a pirate.")
+    await store.set_model("srv", "gemini-2.5-pro")
     await store.close()
     reopened = make_store()
     assert await reopened.persona("srv") == "You are a pirate."
+    assert await reopened.profile("srv") == ("You are a pirate.", "gemini-2.5-pro")
+    assert (await reopened.build("chan", "ada", "srv")).model == "gemini-2.5-pro"
     assert await reopened.persona("other") == ""
     built = await reopened.build("chan", "ada", "srv")
     assert built.persona == "You are a pirate."
     assert await reopened.reset_persona("srv") is True
     assert await reopened.reset_persona("srv") is False
     assert (await reopened.build("chan", "ada", "srv")).persona == ""
+    await reopened.set_model("srv", "")
+    assert await reopened.profile("srv") == ("", "")
     await reopened.close()
     assert await make_store().persona("srv") == ""
 
@@ -120,3 +126,34 @@ async def test_an_empty_or_huge_persona_is_refused(pipeline: ChatPipeline, perso
     with pytest.raises(InputRejected, match=says):
         await pipeline.set_persona("srv-refused", persona)
     assert await pipeline.persona("srv-refused") == ""
+
+
+@pytest.mark.asyncio
+async def test_a_servers_model_serves_its_requests_and_its_cached_replies_carry_it(
+    runtime: Runtime, user: str
+) -> None:
+    responder = RecordingResponder()
+    clients = runtime.clients
+    pipeline = ChatPipeline(
+        runtime.settings,
+        cache=clients["cache"],  # type: ignore[arg-type]
+        context=clients["context"],  # type: ignore[arg-type]
+        limiter=clients["ratelimit"],  # type: ignore[arg-type]
+        analytics=clients["analytics"],  # type: ignore[arg-type]
+        llm=responder,
+    )
+    server = f"srv-{user}"
+    question = IncomingMessage(
+        text="which model?", user_id=user, scope="c", server_id=server, stateless=True, cache_scope="server"
+    )
+    await pipeline.handle(question)
+    await pipeline.writes.drain(10)
+    with pytest.raises(InputRejected, match="gpt-4 is not an allowed model"):
+        await pipeline.set_model(server, "gpt-4")
+    await pipeline.set_model(server, "gemini-2.5-pro")
+    await pipeline.handle(question)  # the default model's cached reply is not served
+    await pipeline.writes.drain(10)
+    cached = await pipeline.handle(question)
+    assert [r.model for r in responder.requests] == [pipeline.model, "gemini-2.5-pro"]
+    assert cached.cached and cached.model == "gemini-2.5-pro"
+    assert (await pipeline.summary(server)).model == "gemini-2.5-pro"
