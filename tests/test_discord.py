@@ -326,6 +326,27 @@ async def invoke(
     return adapter
 
 
+async def invoke_sub(
+    bot: RaycordClient, group: str, command: str, member: discord.Member, **options: str
+) -> RecordingAdapter:
+    """Run the slash subcommand `group command` as `member`."""
+    sub = {
+        "name": command,
+        "type": 1,
+        "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
+    }
+    command_data = {"id": str(next(_ids)), "name": group, "type": 1, "options": [sub]}
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
+    try:
+        payload = interaction_data(bot, member, 2, command_data)
+        interaction = discord.Interaction(data=payload, state=bot._connection)  # type: ignore[arg-type]
+        await bot.tree._call(interaction)
+    finally:
+        async_context.reset(token)
+    return adapter
+
+
 async def click(
     bot: RaycordClient, button: discord.ui.Button[Any], member: discord.Member
 ) -> RecordingAdapter:
@@ -437,6 +458,29 @@ async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bo
         assert "model: gemini-2.5-pro" in (await invoke(bot, "stats", member)).texts()[0]
     finally:
         await bot.pipeline.set_model(server, "")
+
+
+@pytest.mark.asyncio
+async def test_persona_needs_manage_server_and_is_shown_and_reset(bot: RaycordClient) -> None:
+    member = dpytest.get_config().members[0]
+    server = str(member.guild.id)
+    refused = await invoke_sub(bot, "persona", "set", member, text="You are a pirate.")
+    assert refused.texts() == ["Changing the persona needs the Manage Server permission."]
+    assert (await invoke_sub(bot, "persona", "show", member)).texts() == ["This server has no persona."]
+    bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": [str(member.id)]})
+    try:
+        done = await invoke_sub(bot, "persona", "set", member, text="You are a pirate.")
+        assert done.texts() == ["Persona set (17 characters)."]
+        shown = await invoke_sub(bot, "persona", "show", member)
+        assert shown.texts() == ["This server's persona:\nYou are a pirate."]
+        assert await bot.pipeline.persona(server) == "You are a pirate."
+        empty = await invoke_sub(bot, "persona", "set", member, text="   ")
+        assert "a persona cannot be empty" in empty.texts()[0]
+        assert (await invoke_sub(bot, "persona", "reset", member)).texts() == ["Persona removed."]
+        assert await bot.pipeline.persona(server) == ""
+    finally:
+        bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": []})
+        await bot.pipeline.reset_persona(server)
 
 
 @pytest.mark.asyncio
