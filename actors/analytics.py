@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field, field_validator
 
 from actors import metrics
@@ -87,6 +88,9 @@ class AnalyticsConfig(BaseModel):
     duckdb_threads: int = Field(default=1, ge=0)
     query_max_rows: int = Field(default=1_000, ge=1)
     query_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: how long after a forget the sink drops arriving events of that user that were
+    #: recorded before it (still buffered or spilled in another front-end)
+    forget_tombstone_seconds: float = Field(default=600.0, gt=0)
 
     @field_validator("sample_rates")
     @classmethod
@@ -246,6 +250,8 @@ class AnalyticsSink(Service):
         self._flush_lock = asyncio.Lock()
         self._drained = asyncio.Condition()
         self._flusher: asyncio.Task[None] | None = None
+        #: user -> wall-clock time (events carry wall-clock times) they were forgotten
+        self._tombstones: dict[str, float] = {}
         self.received = self.committed = self.flushes = 0
         self.busy_rejections = self.storage_errors = 0
         self.last_flush_size = 0
@@ -298,6 +304,8 @@ class AnalyticsSink(Service):
         if aggregates and not batch_id:
             raise ValueError("aggregates need a batch_id so a resend is applied once")
         table = events_table(events)
+        if self._tombstones and table.num_rows:
+            table = self._drop_forgotten(table)
         count: int = table.num_rows
         if not count and not aggregates:
             return 0
@@ -320,6 +328,35 @@ class AnalyticsSink(Service):
         await done
         return count
 
+    def _drop_forgotten(self, table: pa.Table) -> pa.Table:
+        """`table` less the events of forgotten users recorded before their forget."""
+        keep = None
+        for user, at in self._tombstones.items():
+            before = pa.scalar(int(at * 1_000_000), type=pa.timestamp("us", tz="UTC"))
+            theirs = pc.and_(pc.equal(table["user_id"], user), pc.less_equal(table["time"], before))
+            drop = pc.fill_null(theirs, False)
+            keep = pc.invert(drop) if keep is None else pc.and_(keep, pc.invert(drop))
+        return table if keep is None else table.filter(keep)
+
+    async def forget_user(self, user: str) -> int:
+        """Delete every stored event of `user`; returns how many. Events still pending are
+        committed first and deleted with the rest; events of theirs recorded before now
+        that arrive later are dropped on arrival. The per-minute counters name no user
+        and stay, so totals do not change.
+
+        Raises:
+            ValueError: an empty user id.
+            AnalyticsStorageError: the database cannot be opened or the delete failed.
+        """
+        self._ensure_maintenance()
+        if not user:
+            raise ValueError("user must not be empty")
+        self._tombstones[user] = time.time()
+        await self.flush()
+        db = self._open()
+        async with self._flush_lock:
+            return await asyncio.to_thread(db.delete_user, user)
+
     async def _wait_for_room(self) -> None:
         if self._pending_events < self.config.max_pending_events:
             return
@@ -340,6 +377,9 @@ class AnalyticsSink(Service):
                 return
 
     async def maintain(self) -> None:
+        expired = time.time() - self.config.forget_tombstone_seconds
+        for user in [u for u, at in self._tombstones.items() if at < expired]:
+            del self._tombstones[user]
         now = self.clock()
         if self._oldest is not None and now - self._oldest >= self.config.flush_seconds:
             await self._commit_pending()
@@ -701,6 +741,15 @@ class AnalyticsClient(ShardedClient):
 
     async def export_parquet(self, out_dir: str) -> dict[str, int]:
         return await self._call(self.handles[0], AnalyticsSink.export_parquet, out_dir)
+
+    async def forget_user(self, user: str) -> int:
+        """Delete every event of `user`: those still buffered here are dropped, those in
+        flight are let through first, then the sink deletes what it stored; returns how
+        many the sink deleted."""
+        self._buffer = [row for row in self._buffer if row[5] != user]
+        await self.flush()
+        deleted: int = await self._call(self.handles[0], AnalyticsSink.forget_user, user)
+        return deleted
 
     async def stats(self) -> list[AnalyticsStats]:
         return await self._call_all(AnalyticsSink.stats)

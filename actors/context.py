@@ -73,6 +73,11 @@ class ContextConfig(BaseModel):
     #: front-end messages (bot replies, threads) remembered per shard as belonging to a
     #: conversation; past it the oldest links go first
     max_reply_links: int = Field(default=200_000, ge=1)
+    #: how long after a forget a late write for that user (one still in flight from
+    #: another front-end) is checked: turns written before the forget are dropped
+    forget_tombstone_seconds: float = Field(default=600.0, gt=0)
+    #: the longest persona a server may set (a system prompt sent with every request)
+    max_persona_chars: int = Field(default=4_000, ge=1)
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,6 +89,10 @@ class BuiltContext:
     digest: str
     version: int
     social: str = ""
+    #: the server's persona (its own system prompt), "" when it has none
+    persona: str = ""
+    #: the model the server chose, "" for the bot's default
+    model: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -189,14 +198,32 @@ def graph_key(server: str) -> str:
     return f"server{_SEP}{server}"
 
 
-def assemble(turns: tuple[tuple[str, str, str], ...], version: int, social: str = "") -> BuiltContext:
-    """A BuiltContext with the digest of everything the LLM will see."""
+def assemble(
+    turns: tuple[tuple[str, str, str], ...],
+    version: int,
+    social: str = "",
+    persona: str = "",
+    model: str = "",
+) -> BuiltContext:
+    """A BuiltContext with the digest of everything the LLM will see (the persona too, so
+    a changed persona changes every cache key it goes into)."""
     h = hashlib.blake2b(digest_size=16)
     for role, author, text in turns:
         h.update(f"{role}{_SEP}{author}{_SEP}{text}\x1e".encode())
     if social:
         h.update(f"\x1dsocial{_SEP}{social}".encode())
-    return BuiltContext(turns, h.hexdigest(), version, social)
+    if persona:
+        h.update(f"\x1dpersona{_SEP}{persona}".encode())
+    # the model is not in the digest: the cache key names it on its own
+    return BuiltContext(turns, h.hexdigest(), version, social, persona, model)
+
+
+def check_persona(persona: str, max_chars: int) -> None:
+    """Raises ValueError when `persona` cannot be a server's persona: empty, or too long."""
+    if not persona.strip():
+        raise ValueError("a persona cannot be empty (/persona reset clears it)")
+    if len(persona) > max_chars:
+        raise ValueError(f"the persona is {len(persona):,} characters long; the limit is {max_chars:,}")
 
 
 class ContextStore(Service):
@@ -233,11 +260,16 @@ class ContextStore(Service):
         self._touched: set[str] = set()
         #: users whose deletion on disk is issued but not yet committed
         self._forgetting: dict[str, int] = {}
+        #: user -> when they were forgotten: a turn from before then is not stored again
+        self._tombstones: dict[str, float] = {}
         self._built: OrderedDict[str, _BuiltEntry] = OrderedDict()
         #: (server, user, other) in order of last interaction, least recent first
         self._edges: OrderedDict[tuple[str, str, str], _Edge] = OrderedDict()
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._user_servers: dict[str, set[str]] = {}
+        #: server -> its persona and its model, for the servers whose graph this shard owns
+        self._personas: dict[str, str] = {}
+        self._models: dict[str, str] = {}
         self._graph_version = 0
         self._turn_total = self._char_total = self._bytes = 0
         self._disk_conversations = 0
@@ -257,6 +289,9 @@ class ContextStore(Service):
         try:
             self._disk_conversations = db.count_conversations()
             self._load_graph(db)
+            chosen = db.load_server_settings()
+            self._personas = {s: p for s, (p, _) in chosen.items() if p}
+            self._models = {s: m for s, (_, m) in chosen.items() if m}
         except BaseException:
             db.close()
             raise
@@ -280,6 +315,10 @@ class ContextStore(Service):
         self._ensure_maintenance()
         key = conversation_key(scope, user)
         rows = [self._turn_row(t) for t in turns]
+        forgotten_at = self._tombstones.get(user)
+        if forgotten_at is not None:
+            # a write that was in flight when the user was forgotten brings nothing back
+            rows = [r for r in rows if r[3] > forgotten_at]
         conv = self._touch(key, user)
         if not rows:
             return conv.version
@@ -325,6 +364,7 @@ class ContextStore(Service):
             and entry.built.version == conv.version
             and entry.server == server
             and entry.node_version == node_version
+            and (entry.built.persona, entry.built.model) == self._profile(server)
         ):
             self._built.move_to_end(key)
             self.built_hits += 1
@@ -334,6 +374,7 @@ class ContextStore(Service):
             tuple((r, a, t) for r, a, t, _ in conv.turns),
             conv.version,
             self._social_line(user, node),
+            *self._profile(server),
         )
         self._drop_built(key)
         entry = _BuiltEntry(built, server, node_version)
@@ -367,10 +408,16 @@ class ContextStore(Service):
 
     @needs_state
     async def forget(self, user: str) -> int:
-        """Delete every conversation and graph edge of `user` in memory, on disk and in the
-        built-context cache; returns how many conversations there were."""
+        """Delete every conversation, reply link and graph edge of `user` in memory, on disk
+        and in the built-context cache; returns how many conversations there were.
+
+        On SQLite the deleted rows are overwritten (`secure_delete`) and the WAL is
+        checkpointed and truncated, so no file keeps their text. Turns written before the
+        forget that arrive after it (still in flight elsewhere) are dropped on arrival.
+        """
         self._ensure_maintenance()
         _check_id("user", user)
+        self._tombstones[user] = self.clock()
         memory_keys = self._user_keys.get(user, set())
         disk_keys = set(self._db.conversation_keys_of(user)) - memory_keys
         disk_keys.update(k for k in memory_keys if self._conversations[k].on_disk)
@@ -391,7 +438,67 @@ class ContextStore(Service):
             self._forgetting[user] -= 1
             if not self._forgetting[user]:
                 del self._forgetting[user]
+        if not await self._db.truncate_log():
+            log.warning("forget %s: a reader held the WAL back; the next durability point truncates it", user)
         return len(forgotten)
+
+    # --- server settings ---
+
+    @needs_state
+    async def set_persona(self, server: str, persona: str) -> None:
+        """Store `server`'s persona durably; it goes into the server's requests from now on.
+
+        Raises:
+            ValueError: an empty or over-long persona, or a malformed server id.
+        """
+        _check_id("server", server)
+        check_persona(persona, self.config.max_persona_chars)
+        await self._db.write([ContextDB.set_persona(server, persona)], urgent=True)
+        self._personas[server] = persona
+
+    @needs_state
+    async def reset_persona(self, server: str) -> bool:
+        """Clear `server`'s persona; False when it had none."""
+        _check_id("server", server)
+        had = server in self._personas
+        await self._db.write([ContextDB.set_persona(server, "")], urgent=True)
+        self._personas.pop(server, None)
+        return had
+
+    @needs_state
+    async def persona(self, server: str) -> str:
+        """`server`'s persona, "" when it has none."""
+        _check_id("server", server)
+        return self._personas.get(server, "")
+
+    @needs_state
+    async def set_model(self, server: str, model: str) -> None:
+        """Store the model `server` chose ("" goes back to the bot's default)."""
+        _check_id("server", server)
+        if model:
+            _check_id("model", model)
+        await self._db.write([ContextDB.set_model(server, model)], urgent=True)
+        if model:
+            self._models[server] = model
+        else:
+            self._models.pop(server, None)
+
+    @needs_state
+    async def profile(self, server: str) -> tuple[str, str]:
+        """`server`'s persona and model ("" for none)."""
+        _check_id("server", server)
+        return self._profile(server)
+
+    @needs_state
+    async def server_context(self, server: str, user: str) -> tuple[str, str, str]:
+        """`user`'s social line in `server`, the server's persona and model (one call for a
+        build whose conversation lives on another shard)."""
+        return (await self.social(server, user), *self._profile(server))
+
+    def _profile(self, server: str | None) -> tuple[str, str]:
+        if server is None:
+            return "", ""
+        return self._personas.get(server, ""), self._models.get(server, "")
 
     # --- reply links ---
 
@@ -483,6 +590,9 @@ class ContextStore(Service):
             if now - self._last_cleanup >= self.config.cleanup_interval_seconds:
                 statements += self._cleanup(now)
                 self._last_cleanup = now
+                expired = now - self.config.forget_tombstone_seconds
+                for user in [u for u, at in self._tombstones.items() if at < expired]:
+                    del self._tombstones[user]
             # after the cleanup: its disk read must still see spilled conversations as in memory,
             # as their last activity reaches disk only with this write
             statements += self._spill()
@@ -840,7 +950,7 @@ class ContextClient(ShardedClient):
     a server's social graph by the server id."""
 
     #: a reply-link lookup is a read: retried while its replica restarts
-    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope"}
+    idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona", "profile"}
 
     async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
         key = conversation_key(scope, user)
@@ -855,11 +965,30 @@ class ContextClient(ShardedClient):
         graph_owner = self.handle_for(graph_key(server))
         if graph_owner is owner:
             return await self._batched(owner, ContextStore.build, scope, user, server)
-        built, social = await asyncio.gather(
+        built, (social, persona, model) = await asyncio.gather(
             self._batched(owner, ContextStore.build, scope, user),
-            self._batched(graph_owner, ContextStore.social, server, user),
+            self._batched(graph_owner, ContextStore.server_context, server, user),
         )
-        return assemble(built.turns, built.version, social) if social else built
+        if social or persona or model:
+            return assemble(built.turns, built.version, social, persona, model)
+        return built
+
+    async def set_persona(self, server: str, persona: str) -> None:
+        """A server's settings live on the shard that owns its graph."""
+        await self._call(self.handle_for(graph_key(server)), ContextStore.set_persona, server, persona)
+
+    async def reset_persona(self, server: str) -> bool:
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.reset_persona, server)
+
+    async def persona(self, server: str) -> str:
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.persona, server)
+
+    async def set_model(self, server: str, model: str) -> None:
+        await self._call(self.handle_for(graph_key(server)), ContextStore.set_model, server, model)
+
+    async def profile(self, server: str) -> tuple[str, str]:
+        """`server`'s persona and model ("" for none), in one call."""
+        return await self._call(self.handle_for(graph_key(server)), ContextStore.profile, server)
 
     async def record_interaction(
         self, server: str, user: str, mentions: list[str], reply_to: str | None = None

@@ -146,6 +146,10 @@ class LLMSettings(BaseModel):
     model: str = "gemini-2.5-flash"
     #: tried in order when the model answers 429 (quota) or 503 (overloaded)
     fallback_models: list[str] = Field(default_factory=list)
+    #: what a server may choose with /model (its choice persists in the context store)
+    allowed_models: list[str] = Field(
+        default_factory=lambda: ["gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro"]
+    )
     base_url: str | None = None
     temperature: float = Field(default=0.7, ge=0, le=2)
     max_output_tokens: int = Field(default=1024, ge=1)
@@ -184,8 +188,12 @@ class LLMSettings(BaseModel):
     #: consecutive upstream failures that open the circuit breaker
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, gt=0)
-    max_images: int = Field(default=4, ge=0)
+    #: the attachment policy's limits (bot.attachments), for every front-end and the
+    #: gateway alike: files per message, and bytes per image and per PDF. Gemini takes
+    #: at most 20 MB of inline data per request, and base64 adds a third on the wire.
+    max_attachments: int = Field(default=4, ge=0)
     max_image_bytes: int = Field(default=7 * 1024 * 1024, ge=1)
+    max_pdf_bytes: int = Field(default=14 * 1024 * 1024, ge=1)
 
 
 class PipelineSettings(BaseModel):
@@ -212,7 +220,8 @@ class DiscordSettings(BaseModel):
     block_users: list[str] = Field(default_factory=list)
     #: least time between two edits of a streamed reply in one channel
     edit_interval_seconds: float = Field(default=1.0, ge=0)
-    max_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    #: the largest text attachment (UTF-8 text, code, Markdown, JSON, CSV) put into the prompt
+    max_text_attachment_bytes: int = Field(default=100_000, ge=1)
     #: Discord's REST base (the gateway URL comes from its `/gateway/bot`); point it at
     #: `raycord fake-discord` to try the bot without Discord
     api_base_url: str = "https://discord.com"

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from actors.errors import RaycordError
 from actors.schemas import IncomingMessage, WindowUsage
+from bot.pipeline import FORGET_QUESTION as FORGET_QUESTION_TEXT
 from bot.pipeline import ChatPipeline
 
 __all__ = ["COMMANDS", "ConsoleChat", "format_limits"]
@@ -34,7 +35,7 @@ COMMANDS: dict[str, str] = {
     "/quit": "leave (Ctrl-D works too)",
 }
 BANNER = "raycord chat: type a message, or /help for the commands."
-FORGET_QUESTION = "This deletes all your conversations with me and my cached replies to you. Sure? [y/N]"
+FORGET_QUESTION = f"{FORGET_QUESTION_TEXT} [y/N]"
 #: a line is a command when its first word looks like one: "/etc/hosts?" is a message
 _COMMAND = re.compile(r"/([A-Za-z][\w-]*)(?:\s+(.*))?", re.DOTALL)
 
@@ -247,8 +248,7 @@ class ConsoleChat:
         if (answer or "").strip().lower() not in ("y", "yes"):
             self._say("Nothing was deleted.")
             return answer is not None
-        removed = await self.pipeline.forget(self.user)
-        self._say(f"Done: I deleted {removed} conversation(s) and every cached reply of yours.")
+        self._say((await self.pipeline.forget(self.user)).message())
         return True
 
     async def _quit(self, args: str) -> bool:

@@ -23,11 +23,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from actors import metrics
-from actors.errors import InputRejected, RaycordError
+from actors.errors import RaycordError
 from actors.schemas import Attachment, IncomingMessage
+from bot.attachments import Fetch
 from bot.config import DiscordSettings, Settings
 from bot.discord_text import DISCORD_LIMIT, split_message
-from bot.pipeline import ChatPipeline
+from bot.pipeline import FORGET_QUESTION, ChatPipeline, Forgotten
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,8 @@ log = logging.getLogger(__name__)
 #: reply itself notifies the one person it answers
 NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
 SOMETHING_WENT_WRONG = "Something went wrong on my side. Please try again."
-NOT_AN_IMAGE = "I can only look at images (PNG, JPEG, WebP, GIF); I left out {names}."
 REFUSED = "I'm not available to you here."
 UNKNOWN_COMMAND = "I don't know that command any more; it may have been removed. Try /ask."
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/heic", "image/heif")
 #: Discord's "Unknown interaction": the 3-second window (or the token) has passed
 _UNKNOWN_INTERACTION = 10062
 _UNKNOWN_MESSAGE = 10008
@@ -429,21 +428,20 @@ class RaycordClient(commands.Bot):
                 text = text.replace(form, "")
         return text.strip()
 
-    async def _images(self, message: discord.Message) -> tuple[Attachment, ...]:
-        refused = [a.filename for a in message.attachments if (a.content_type or "") not in _IMAGE_TYPES]
-        if refused:
-            raise InputRejected(NOT_AN_IMAGE.format(names=", ".join(refused)).rstrip("."))
-        limit = self.settings.discord.max_image_bytes
-        too_big = [a.filename for a in message.attachments if a.size > limit]
-        if too_big:
-            raise InputRejected(f"{', '.join(too_big)} is over the {limit // (1024 * 1024)} MiB image limit")
-        images = []
-        for a in message.attachments:
-            data = await a.read()
-            images.append(
-                Attachment(filename=a.filename, content_type=a.content_type, size=a.size, data=data)
-            )
-        return tuple(images)
+    @staticmethod
+    def _attachments(message: discord.Message) -> tuple[tuple[Attachment, ...], Fetch]:
+        """The message's files as metadata, and how to download one: the pipeline fetches
+        them only after the rate-limit check, and only those the attachment policy lets by."""
+        files = tuple(
+            Attachment(filename=a.filename, content_type=a.content_type, size=a.size, url=a.url)
+            for a in message.attachments
+        )
+        by_url = {a.url: a for a in message.attachments}
+
+        async def fetch(attachment: Attachment) -> bytes:
+            return await by_url[attachment.url or ""].read()
+
+        return files, fetch
 
     async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
         """With `auto_thread`, a new channel conversation gets its own thread."""
@@ -469,6 +467,7 @@ class RaycordClient(commands.Bot):
             thread = await self._open_thread(message) if new_in_channel else None
             if thread is not None:
                 scope = f"thread:{thread.id}"
+            files, fetch = self._attachments(message)
             incoming = IncomingMessage(
                 text=self._prompt_text(message),
                 user_id=str(message.author.id),
@@ -479,9 +478,9 @@ class RaycordClient(commands.Bot):
                 message_id=str(message.id),
                 mentions=tuple(str(u.id) for u in message.mentions if u != self.user),
                 reply_to_user=self._replied_user(message),
-                attachments=await self._images(message),
+                attachments=files,
             )
-            await self._answer(message, incoming, thread)
+            await self._answer(message, incoming, thread, fetch)
         except RaycordError as exc:
             await self._reply_safely(message, exc.user_message())
         except Exception:
@@ -489,7 +488,11 @@ class RaycordClient(commands.Bot):
             await self._reply_safely(message, SOMETHING_WENT_WRONG)
 
     async def _answer(
-        self, message: discord.Message, incoming: IncomingMessage, thread: discord.Thread | None
+        self,
+        message: discord.Message,
+        incoming: IncomingMessage,
+        thread: discord.Thread | None,
+        fetch: Fetch | None = None,
     ) -> None:
         target: discord.abc.Messageable = thread if thread is not None else message.channel
         async with contextlib.AsyncExitStack() as typing:
@@ -498,7 +501,7 @@ class RaycordClient(commands.Bot):
             reply = StreamedReply(
                 message, self.throttle, target=thread, errors=self.discord_errors, on_first=typing.aclose
             )
-            answer = await self.pipeline.handle(incoming, on_chunk=reply.update)
+            answer = await self.pipeline.handle(incoming, on_chunk=reply.update, fetch=fetch)
             sent = await reply.finish(answer.text)
         ids = [m.id for m in sent]
         if isinstance(target, discord.Thread):
@@ -560,11 +563,9 @@ class ForgetConfirm(discord.ui.View):
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("This button is not for you.", ephemeral=True)
             return
-        removed = await self.cog.forget_user(str(self.user_id))
+        forgotten = await self.cog.forget_user(str(self.user_id))
         self.stop()
-        await interaction.response.edit_message(
-            content=f"Done: I deleted {removed} conversation(s) and every cached reply of yours.", view=None
-        )
+        await interaction.response.edit_message(content=forgotten.message(), view=None)
 
     @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
     async def cancel(self, interaction: discord.Interaction, _: discord.ui.Button[ForgetConfirm]) -> None:
@@ -606,7 +607,7 @@ class RaycordCommands(commands.Cog):
             return f"thread:{interaction.channel_id}"
         return f"channel:{interaction.channel_id}"
 
-    async def forget_user(self, user_id: str) -> int:
+    async def forget_user(self, user_id: str) -> Forgotten:
         return await self.pipeline.forget(user_id)
 
     async def _send(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = True) -> None:
@@ -669,7 +670,7 @@ class RaycordCommands(commands.Cog):
     @app_commands.command(name="forget", description="Delete everything the bot remembers about me")
     async def forget(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(
-            "This deletes all your conversations with me and my cached replies to you. Sure?",
+            FORGET_QUESTION,
             view=ForgetConfirm(self, interaction.user.id),
             ephemeral=True,
         )
@@ -693,16 +694,84 @@ class RaycordCommands(commands.Cog):
         if not await self._admin_only(interaction):
             return
         await self._defer(interaction)
-        lines = (await self.pipeline.summary()).lines()
+        lines = (
+            await self.pipeline.summary(str(interaction.guild_id) if interaction.guild_id else None)
+        ).lines()
         await self._send(interaction, "\n".join(lines))
 
-    @app_commands.command(name="model", description="(admins) switch the model")
-    @app_commands.describe(name="Model name, e.g. gemini-2.5-flash")
-    async def model(self, interaction: discord.Interaction, name: str) -> None:
-        if not await self._admin_only(interaction):
+    persona = app_commands.Group(
+        name="persona", description="This server's persona for the bot (Manage Server)", guild_only=True
+    )
+
+    async def _may_manage_server(
+        self, interaction: discord.Interaction, what: str = "Changing the persona"
+    ) -> bool:
+        member = interaction.user
+        if self.bot.gate.is_admin(member.id) or (
+            isinstance(member, discord.Member) and member.guild_permissions.manage_guild
+        ):
+            return True
+        await self._send(interaction, f"{what} needs the Manage Server permission.")
+        return False
+
+    @persona.command(name="set", description="Give the bot a persona in this server")
+    @app_commands.describe(text="The persona: a system prompt sent after the bot's own")
+    async def persona_set(self, interaction: discord.Interaction, text: str) -> None:
+        if interaction.guild_id is None or not await self._may_manage_server(interaction):
             return
-        previous, self.pipeline.model = self.pipeline.model, name.strip()
-        await self._send(interaction, f"Model switched from {previous} to {self.pipeline.model}.")
+        await self._defer(interaction)
+        await self.pipeline.set_persona(str(interaction.guild_id), text)
+        await self._send(interaction, f"Persona set ({len(text):,} characters).")
+
+    @persona.command(name="show", description="Show the bot's persona in this server")
+    async def persona_show(self, interaction: discord.Interaction) -> None:
+        if interaction.guild_id is None:
+            return
+        await self._defer(interaction)
+        text = await self.pipeline.persona(str(interaction.guild_id))
+        shown = f"This server's persona:\n{text}" if text else "This server has no persona."
+        await self._send(interaction, shown)
+
+    @persona.command(name="reset", description="Remove the bot's persona in this server")
+    async def persona_reset(self, interaction: discord.Interaction) -> None:
+        if interaction.guild_id is None or not await self._may_manage_server(interaction):
+            return
+        await self._defer(interaction)
+        had = await self.pipeline.reset_persona(str(interaction.guild_id))
+        await self._send(interaction, "Persona removed." if had else "This server had no persona.")
+
+    @app_commands.command(name="model", description="Choose this server's model (Manage Server or admins)")
+    @app_commands.describe(name="One of the allowed models")
+    async def model(self, interaction: discord.Interaction, name: str) -> None:
+        name = name.strip()
+        if interaction.guild_id is None:
+            # outside a server there is no server to choose for: the bot's admins switch
+            # the default model of this front-end (in memory)
+            if not await self._admin_only(interaction):
+                return
+            allowed = self.bot.settings.llm.allowed_models
+            if name not in allowed:
+                await self._send(
+                    interaction, f"{name} is not an allowed model; choose one of {', '.join(allowed)}."
+                )
+                return
+            previous, self.pipeline.model = self.pipeline.model, name
+            await self._send(interaction, f"Model switched from {previous} to {name}.")
+            return
+        if not await self._may_manage_server(interaction, "Choosing the model"):
+            return
+        await self._defer(interaction)
+        server = str(interaction.guild_id)
+        previous = await self.pipeline.server_model(server)
+        await self.pipeline.set_model(server, name)
+        await self._send(interaction, f"This server's model switched from {previous} to {name}.")
+
+    @model.autocomplete("name")
+    async def _model_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
+        allowed = self.bot.settings.llm.allowed_models
+        return [app_commands.Choice(name=m, value=m) for m in allowed if current.lower() in m.lower()][:25]
 
 
 def use_api_base(url: str) -> None:

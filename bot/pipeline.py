@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from actors import metrics
 from actors.analytics import AnalyticsClient
 from actors.cache import CacheClient, cache_key
-from actors.context import BuiltContext, ContextClient
+from actors.context import BuiltContext, ContextClient, assemble, check_persona
 from actors.errors import (
     InputRejected,
     RateLimited,
@@ -33,8 +33,9 @@ from actors.errors import (
 )
 from actors.ratelimit import RateLimitClient
 from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn, WindowUsage
+from bot.attachments import AttachmentPolicy, Fetch, Prepared, prepare
 from bot.config import Settings
-from bot.llm.base import LLM, ImagePart, LLMRequest, LLMResult
+from bot.llm.base import LLM, LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,30 @@ class PipelineSummary:
         ]
 
 
+#: what `/forget` asks before it deletes, in every front-end
+FORGET_QUESTION = (
+    "This deletes your conversations with me, my cached replies to you and your analytics "
+    "events; your rate-limit counts are kept. Sure?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What a forget deleted."""
+
+    conversations: int
+    cached_replies: int
+    events: int
+
+    def message(self) -> str:
+        """The reply every front-end gives."""
+        return (
+            f"Done: I deleted {self.conversations} conversation(s), {self.cached_replies} cached "
+            f"reply(ies) and {self.events} analytics event(s) of yours. Your rate-limit counts "
+            "are kept: forgetting them would reset your limits."
+        )
+
+
 def cache_scope_id(msg: IncomingMessage) -> str:
     """The audience a cached reply may be served to."""
     if msg.cache_scope == "global":
@@ -170,6 +195,7 @@ class ChatPipeline:
         self.llm = llm
         self.clock = clock
         self.writes = BackgroundWrites()
+        self.policy = AttachmentPolicy.of(settings)
         self.model = llm.name if getattr(llm, "name", "") else settings.llm.model
         self._m_messages = metrics.counter("messages", "messages handled, by outcome", ("outcome",))
         self._m_latency = metrics.histogram(
@@ -207,9 +233,14 @@ class ChatPipeline:
         return msg
 
     async def handle(
-        self, raw: IncomingMessage | dict[str, Any], on_chunk: ChunkCallback | None = None
+        self,
+        raw: IncomingMessage | dict[str, Any],
+        on_chunk: ChunkCallback | None = None,
+        fetch: Fetch | None = None,
     ) -> ChatReply:
         """Answer one message. With `on_chunk`, a generated reply is streamed as it grows.
+        Attachments without their bytes are downloaded by `fetch`, only once the rate-limit
+        check has passed; those the attachment policy refuses are named in the reply.
 
         Raises:
             InputRejected: the message is empty, too long or malformed.
@@ -220,7 +251,7 @@ class ChatPipeline:
         started = self.clock()
         msg = self.validate(raw)
         try:
-            reply = await self._answer(msg, started, on_chunk)
+            reply = await self._answer(msg, started, on_chunk, fetch)
         except RaycordError as exc:
             outcome = "rate_limited" if isinstance(exc, RateLimited) else "error"
             latency_ms = (self.clock() - started) * 1000
@@ -243,7 +274,7 @@ class ChatPipeline:
         return reply
 
     async def _answer(
-        self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None
+        self, msg: IncomingMessage, started: float, on_chunk: ChunkCallback | None, fetch: Fetch | None
     ) -> ChatReply:
         settings = self.settings
         cacheable = not msg.attachments
@@ -252,12 +283,18 @@ class ChatPipeline:
             # no context to wait for: the key is known now, so the cache lookup shares the
             # rate-limit check's round trip (a denied request's lookup is simply dropped)
             built = _EMPTY_CONTEXT
-            key = self._key(msg, scope_id, built) if cacheable else ""
             check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
-            if cacheable:
+            if msg.server_id is not None:
+                # the server's persona and model are part of the key: asked beside the check
+                decision, (persona, model) = await asyncio.gather(check, self.context.profile(msg.server_id))
+                built = assemble((), 0, "", persona, model) if persona or model else _EMPTY_CONTEXT
+                key = self._key(msg, scope_id, built) if cacheable else ""
+                cached = await self.cache.get(key, scope_id) if cacheable and decision.allowed else None
+            elif cacheable:
+                key = self._key(msg, scope_id, built)
                 decision, cached = await asyncio.gather(check, self.cache.get(key, scope_id))
             else:
-                decision, cached = await check, None
+                key, decision, cached = "", await check, None
             # one round trip: the admit stage includes the cache lookup here
             self._m_stage.observe((self.clock() - started) * 1000, tags={"stage": "admit"})
             if not decision.allowed:
@@ -277,24 +314,33 @@ class ChatPipeline:
                 cached = await self.cache.get(key, scope_id)
                 self._m_stage.observe((self.clock() - looked_up) * 1000, tags={"stage": "cache"})
 
+        model = built.model or self.model
         if cached is not None:
             if on_chunk is not None:
                 await on_chunk(cached)
             self._remember(msg, cached)
             return ChatReply(
                 text=cached,
-                model=self.model,
+                # the key names the model, so the reply it finds is that model's
+                model=model,
                 cached=True,
-                offline=self.model == "offline-echo",
+                offline=model == "offline-echo",
                 latency_ms=(self.clock() - started) * 1000,
             )
 
+        # after the check: a denied message costs no download
+        files = await prepare(msg.attachments, self.policy, fetch) if msg.attachments else Prepared()
+        prompt = files.prompt(msg.text)
+        if not prompt.strip() and not files.parts:
+            raise InputRejected(files.note() or "the message is empty")
         request = LLMRequest(
-            prompt=msg.text,
-            model=self.model,
-            system_prompt="\n\n".join(filter(None, (settings.pipeline.system_prompt, built.social))),
+            prompt=prompt,
+            model=model,
+            system_prompt="\n\n".join(
+                filter(None, (settings.pipeline.system_prompt, built.persona, built.social))
+            ),
             history=built.turns,
-            images=_images(msg),
+            images=files.parts,
             key=key,
             user=msg.user_id,
             server=msg.server_id,
@@ -310,8 +356,9 @@ class ChatPipeline:
                 "cache.set", lambda: self.cache.set(key, result.text, scope_id, user), _ids(msg)
             )
         self._remember(msg, result.text)
+        note = files.note()
         return ChatReply(
-            text=result.text,
+            text=f"{result.text}\n\n{note}" if note else result.text,
             model=result.model,
             cached=False,
             offline=result.offline,
@@ -328,25 +375,68 @@ class ChatPipeline:
         """Clear `user`'s conversation in `scope`; False when there was nothing to clear."""
         return await self.context.reset(scope, user)
 
-    async def forget(self, user: str, timeout: float = 10.0) -> int:
-        """Delete every conversation and cached reply of `user`; returns the conversations
-        removed. Background writes already under way are let through first, so none of
-        them lands after the forget and brings data back."""
+    async def forget(self, user: str, timeout: float = 10.0) -> Forgotten:
+        """Delete `user`'s conversations (their reply links and graph edges with them),
+        cached replies and analytics events. Background writes already under way are let
+        through first, so none of them lands after the forget and brings data back (the
+        stores also drop late writes from before the forget, from any front-end).
+        Rate-limit counts are kept: forgetting them would reset the user's limits."""
         await self.writes.drain(timeout)
-        removed = await self.context.forget(user)
-        await self.cache.invalidate_user(user)
-        return removed
+        conversations = await self.context.forget(user)
+        cached = await self.cache.invalidate_user(user)
+        events = await self.analytics.forget_user(user)
+        return Forgotten(conversations, cached, events)
+
+    async def set_persona(self, server: str, persona: str) -> None:
+        """Give `server` its own persona, sent after the global system prompt.
+
+        Raises:
+            InputRejected: the persona is empty or over `context.max_persona_chars`.
+        """
+        try:
+            check_persona(persona, self.settings.context.max_persona_chars)
+        except ValueError as exc:
+            raise InputRejected(str(exc)) from None
+        await self.context.set_persona(server, persona)
+
+    async def persona(self, server: str) -> str:
+        """`server`'s persona, "" when it has none."""
+        return await self.context.persona(server)
+
+    async def reset_persona(self, server: str) -> bool:
+        """Clear `server`'s persona; False when it had none."""
+        return await self.context.reset_persona(server)
+
+    async def set_model(self, server: str, model: str) -> None:
+        """Make `model` (one of `llm.allowed_models`; "" for the default) `server`'s model.
+
+        Raises:
+            InputRejected: the model is not one of `llm.allowed_models`.
+        """
+        allowed = self.settings.llm.allowed_models
+        if model and model not in allowed:
+            raise InputRejected(f"{model} is not an allowed model; choose one of {', '.join(allowed)}")
+        await self.context.set_model(server, model)
+
+    async def server_model(self, server: str | None) -> str:
+        """The model `server`'s requests go to: its own choice, or the default."""
+        if server is None:
+            return self.model
+        return (await self.context.profile(server))[1] or self.model
 
     async def limits(self, user: str, server: str | None = None) -> list[WindowUsage]:
         """`user`'s message and command budgets (and the server's): reading them costs nothing."""
         return await self.limiter.usage(user, server)
 
-    async def summary(self) -> PipelineSummary:
-        """The model, the cache's hit rate and entries, and the writes still pending."""
-        cache, analytics = await asyncio.gather(self.cache.stats(), self.analytics.stats())
+    async def summary(self, server: str | None = None) -> PipelineSummary:
+        """The model (`server`'s, when given), the cache's hit rate and entries, and the
+        writes still pending."""
+        cache, analytics, model = await asyncio.gather(
+            self.cache.stats(), self.analytics.stats(), self.server_model(server)
+        )
         hits = sum(s.hits for s in cache)
         return PipelineSummary(
-            model=self.model,
+            model=model,
             cache_hits=hits,
             cache_lookups=hits + sum(s.misses for s in cache),
             cache_entries=sum(s.entries for s in cache),
@@ -356,7 +446,11 @@ class ChatPipeline:
 
     def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:
         return cache_key(
-            self.model, self.settings.pipeline.system_prompt_version, scope_id, msg.text, built.digest
+            built.model or self.model,
+            self.settings.pipeline.system_prompt_version,
+            scope_id,
+            msg.text,
+            built.digest,
         )
 
     async def _generate(self, request: LLMRequest, on_chunk: ChunkCallback | None) -> LLMResult:
@@ -448,11 +542,3 @@ def _check_ids(msg: IncomingMessage) -> None:
             raise InputRejected(f"{field} is longer than {_MAX_ID_CHARS} characters")
         if _ID_REFUSED.search(value):
             raise InputRejected(f"{field} holds a control character or broken unicode")
-
-
-def _images(msg: IncomingMessage) -> tuple[ImagePart, ...]:
-    return tuple(
-        ImagePart(a.content_type or "application/octet-stream", a.data, a.filename)
-        for a in msg.attachments
-        if a.data is not None
-    )

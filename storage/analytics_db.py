@@ -315,5 +315,23 @@ class AnalyticsDB:
             cur.close()
         return written
 
+    def delete_user(self, user: str) -> int:
+        """Delete every event of `user` in one transaction, then checkpoint, so the
+        deletion reaches the database file and DuckDB's log no longer holds the rows;
+        returns how many were deleted.
+
+        Raises:
+            AnalyticsStorageError: the delete could not be committed (rolled back).
+        """
+        with self._write_lock:
+            try:
+                rows = self.conn.execute("DELETE FROM events WHERE user_id = ?", [user]).fetchall()
+                deleted = int(rows[0][0])
+                self.conn.execute("CHECKPOINT").fetchall()
+            except duckdb.Error as exc:
+                raise AnalyticsStorageError(self.path, str(exc)) from None
+            self.transactions += 1
+            return deleted
+
     def close(self) -> None:
         self.conn.close()

@@ -124,6 +124,25 @@ CREATE INDEX reply_links_by_key ON reply_links(key);
 CREATE INDEX reply_links_by_user ON reply_links("user");
 """,
     ),
+    Migration(
+        3,
+        # what a server chose for itself: its persona (a system prompt after the global
+        # one) and its model ("" for either: the bot's default)
+        sqlite="""
+CREATE TABLE IF NOT EXISTS server_settings (
+    server TEXT PRIMARY KEY,
+    persona TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT ''
+);
+""",
+        postgres="""
+CREATE TABLE server_settings (
+    server TEXT PRIMARY KEY,
+    persona TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT ''
+);
+""",
+    ),
 )
 
 #: (role, author, text, time) as stored
@@ -172,10 +191,12 @@ class ContextDB:
         else:
             path = db_path(state, shard)
             self.where = str(path)
-            conn = open_sqlite(path, synchronous=synchronous)
+            # secure_delete: a forgotten user's text is overwritten where it was stored,
+            # not left in freed cells and pages (`forget` promises it is gone)
+            conn = open_sqlite(path, synchronous=synchronous, secure_delete=True)
             migrate_sqlite(conn, STORE, MIGRATIONS, self.where)
             self.committer = GroupCommitter(conn, max_delay=commit_delay)
-            reader = self._reader = open_sqlite(path, synchronous=synchronous)
+            reader = self._reader = open_sqlite(path, synchronous=synchronous, secure_delete=True)
             self._rows = lambda sql, params=(): reader.execute(sql, params).fetchall()
 
     async def write(self, statements: list[Statement], urgent: bool = False) -> None:
@@ -183,6 +204,11 @@ class ContextDB:
         `urgent`: a user waits on it, so the commit does not wait for more writers."""
         if statements:
             await self.committer.write(statements, urgent)
+
+    async def truncate_log(self) -> bool:
+        """After a deletion: leave no older copy of the deleted rows in the store's log
+        (the SQLite WAL is checkpointed and truncated). True once that is so."""
+        return await self.committer.truncate_log()
 
     # --- reads (committed state only) ---
 
@@ -217,6 +243,13 @@ class ContextDB:
         convs = self._rows('SELECT count(*) FROM conversations WHERE "user" = ?', (user,))
         edges = self._rows('SELECT count(*) FROM graph_edges WHERE "user" = ? OR other = ?', (user, user))
         return int(convs[0][0]), int(edges[0][0])
+
+    def load_server_settings(self) -> dict[str, tuple[str, str]]:
+        """server -> (persona, model) for every server that chose either."""
+        rows = self._rows(
+            "SELECT server, persona, model FROM server_settings WHERE persona <> '' OR model <> ''"
+        )
+        return {str(r[0]): (str(r[1]), str(r[2])) for r in rows}
 
     def reply_scope(self, message_id: str) -> str | None:
         rows = self._rows("SELECT scope FROM reply_links WHERE message_id = ?", (message_id,))
@@ -288,6 +321,24 @@ class ContextDB:
             ('DELETE FROM reply_links WHERE "user" = ?', (user,)),
             ('DELETE FROM graph_edges WHERE "user" = ? OR other = ?', (user, user)),
         ]
+
+    @staticmethod
+    def set_persona(server: str, persona: str) -> Statement:
+        """Store (or, with "", clear) a server's persona."""
+        return (
+            "INSERT INTO server_settings (server, persona) VALUES (?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET persona = excluded.persona",
+            (server, persona),
+        )
+
+    @staticmethod
+    def set_model(server: str, model: str) -> Statement:
+        """Store (or, with "", clear) a server's model."""
+        return (
+            "INSERT INTO server_settings (server, model) VALUES (?, ?) "
+            "ON CONFLICT (server) DO UPDATE SET model = excluded.model",
+            (server, model),
+        )
 
     @staticmethod
     def upsert_edge(row: EdgeRow) -> Statement:

@@ -51,9 +51,13 @@ CHECKPOINT_SYNCS = 2
 LOG_START_SYNCS = 1
 
 
-def open_sqlite(path: Path, schema: str = "", synchronous: SyncMode = "NORMAL") -> sqlite3.Connection:
+def open_sqlite(
+    path: Path, schema: str = "", synchronous: SyncMode = "NORMAL", secure_delete: bool = False
+) -> sqlite3.Connection:
     """A connection in WAL mode, autocommit off, automatic checkpoints off, with `schema`
-    applied.
+    applied. With `secure_delete`, SQLite overwrites what a DELETE removes (cells and
+    freed pages) with zeros instead of leaving it in the file until the page is reused
+    (SQLite's upstream default is off): a store that promises erasure needs it.
 
     Raises:
         ValueError: `synchronous` is not one of `SYNC_MODES`.
@@ -69,6 +73,8 @@ def open_sqlite(path: Path, schema: str = "", synchronous: SyncMode = "NORMAL") 
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute("PRAGMA busy_timeout=5000")
+    if secure_delete:
+        conn.execute("PRAGMA secure_delete=ON")
     if schema:
         conn.executescript(schema)
     return conn
@@ -189,6 +195,11 @@ class BatchCommitter:
     async def synced(self) -> None:
         """Return once every commit answered so far is on disk."""
 
+    async def truncate_log(self) -> bool:
+        """Leave no copy of deleted data in the store's log: True once that is so. A
+        database server keeps its own log (nothing for a committer to do)."""
+        return True
+
     def read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError
 
@@ -227,6 +238,8 @@ class GroupCommitter(BatchCommitter):
         self._last_point = time.monotonic()
         #: the next commit starts a new log (an empty or absent WAL) and syncs its header
         self._log_start = bool(self._wal_file) and self._wal_frames() == 0
+        #: an erasure's checkpoint was held back by a reader: the next point retries it
+        self._truncate_due = False
         self._committed: asyncio.Event | None = None
         self._synced: asyncio.Event | None = None
 
@@ -282,11 +295,12 @@ class GroupCommitter(BatchCommitter):
         with self._lock:
             self._last_point = time.monotonic()
             full = self.synchronous == "FULL"
-            if not self._wal_file or (full and self.commits == 0) or (not full and not self._unsynced):
+            idle = (full and self.commits == 0) or (not full and not self._unsynced)
+            if not self._wal_file or (idle and not self._truncate_due):
                 return
             frames = self._wal_frames()
-            if frames >= self.checkpoint_pages:
-                self._checkpoint()
+            if frames >= self.checkpoint_pages or self._truncate_due:
+                self._truncate_due = not self._checkpoint()
             elif not full:
                 self._fsync_wal()
             self._unsynced = 0
@@ -300,19 +314,39 @@ class GroupCommitter(BatchCommitter):
         # a 32-byte header, then one 24-byte header and one page per frame
         return max(0, (size - 32) // (page + 24))
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self) -> bool:
+        """Copy the WAL into the database file and empty it; True when it was emptied."""
         # TRUNCATE empties the WAL file once copied, so its size keeps counting the frames
-        # written since (a restarted log would otherwise reuse the grown file)
+        # written since (a restarted log would otherwise reuse the grown file); it also
+        # leaves no frame of an older page version (deleted rows' text) behind in the log
         busy, log, moved = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if not busy and log >= 0 and moved == log:
             self.checkpoints += 1
             self.syncs += CHECKPOINT_SYNCS
             self._log_start = True
-            return
+            return True
         # a reader held the log back: SQLite made its syncs if it copied anything, and the
         # commits since the last point are made durable here regardless
         self.syncs += CHECKPOINT_SYNCS if moved > 0 else 0
         self._fsync_wal()
+        return False
+
+    async def truncate_log(self) -> bool:
+        """Checkpoint now and empty the WAL, so a deletion committed before this call leaves
+        no older copy of its pages in the log (with `secure_delete`, none in the database
+        file either). False when a reader held the log back past the busy timeout: the
+        next durability point checkpoints again until one succeeds."""
+        if not self._wal_file:
+            return True
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._truncate_now)
+
+    def _truncate_now(self) -> bool:
+        with self._lock:
+            self._last_point = time.monotonic()
+            emptied = self._checkpoint()
+            self._unsynced = 0
+            self._truncate_due = not emptied
+            return emptied
 
     def _fsync_wal(self) -> None:
         fd = os.open(self._wal_file, os.O_RDONLY)

@@ -9,7 +9,7 @@ import pytest
 from actors.ratelimit import RateLimitClient
 from bot.console import COMMANDS, ConsoleChat
 from bot.llm import OfflineResponder
-from bot.pipeline import ChatPipeline
+from bot.pipeline import FORGET_QUESTION, ChatPipeline
 from bot.runtime import Runtime
 
 
@@ -145,10 +145,11 @@ async def test_forget_asks_first_and_piped_input_answers(runtime: Runtime, user:
     scope = f"console:{user}"
     lines = await _chat(pipeline, user, "remember me\n/forget\nn\n/forget\ny\n")
     assert lines[1:3] == [
-        "This deletes all your conversations with me and my cached replies to you. Sure? [y/N]",
+        f"{FORGET_QUESTION} [y/N]",
         "Nothing was deleted.",
     ]
-    assert lines[4] == "Done: I deleted 1 conversation(s) and every cached reply of yours."
+    assert lines[4].startswith("Done: I deleted 1 conversation(s), 1 cached reply(ies)")
+    assert "rate-limit counts are kept" in lines[4]
     assert (await pipeline.context.build(scope, user)).turns == ()
     # the answer line is an answer, never a message to the model
     assert not any("\u201cn\u201d" in line or "\u201cy\u201d" in line for line in lines)

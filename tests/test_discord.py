@@ -200,17 +200,6 @@ async def test_a_rate_limited_user_is_told_when_to_ask_again(ray_session: None, 
         await rt.shutdown(kill_actors=True)
 
 
-@pytest.mark.asyncio
-async def test_a_non_image_attachment_is_refused_politely(bot: RaycordClient, tmp_path: Path) -> None:
-    channel = dpytest.get_config().channels[0]
-    doc = tmp_path / "notes.txt"
-    doc.write_text("hello")
-    await dpytest.message(mention(bot, "read this"), channel=channel, attachments=[str(doc)])
-    replies = bot_replies(bot, channel)
-    assert len(replies) == 1
-    assert "I can only look at images" in replies[0] and "notes.txt" in replies[0]
-
-
 # -- slash commands --------------------------------------------------------------------
 
 
@@ -337,6 +326,27 @@ async def invoke(
     return adapter
 
 
+async def invoke_sub(
+    bot: RaycordClient, group: str, command: str, member: discord.Member, **options: str
+) -> RecordingAdapter:
+    """Run the slash subcommand `group command` as `member`."""
+    sub = {
+        "name": command,
+        "type": 1,
+        "options": [{"name": k, "type": 3, "value": v} for k, v in options.items()],
+    }
+    command_data = {"id": str(next(_ids)), "name": group, "type": 1, "options": [sub]}
+    adapter = RecordingAdapter()
+    token = async_context.set(adapter)
+    try:
+        payload = interaction_data(bot, member, 2, command_data)
+        interaction = discord.Interaction(data=payload, state=bot._connection)  # type: ignore[arg-type]
+        await bot.tree._call(interaction)
+    finally:
+        async_context.reset(token)
+    return adapter
+
+
 async def click(
     bot: RaycordClient, button: discord.ui.Button[Any], member: discord.Member
 ) -> RecordingAdapter:
@@ -412,7 +422,9 @@ async def test_the_forget_button_deletes_conversations_and_cached_replies_for_it
     assert refused.texts() == ["This button is not for you."]
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns
     done = await click(bot, confirm, member)
-    assert done.texts() == ["Done: I deleted 1 conversation(s) and every cached reply of yours."]
+    [text] = done.texts()
+    assert text.startswith("Done: I deleted 1 conversation(s), 2 cached reply(ies)")
+    assert text.endswith("Your rate-limit counts are kept: forgetting them would reset your limits.")
     assert (await bot.pipeline.context.build(scope, str(member.id))).turns == ()
     # the /ask reply cached for the server was written for this user: it is gone too
     calls = bot.pipeline.llm.calls  # type: ignore[attr-defined]
@@ -428,18 +440,47 @@ async def test_slash_limits_shows_the_budget_and_admin_commands_need_an_admin(bo
     assert "minute:" in limits.texts()[0] and "left" in limits.texts()[0]
     refused = await invoke(bot, "stats", member)
     assert refused.texts() == ["That command is for the bot's admins."]
-    refused_model = await invoke(bot, "model", member, name="gemini-x")
-    assert refused_model.texts() == ["That command is for the bot's admins."]
+    refused_model = await invoke(bot, "model", member, name="gemini-2.5-pro")
+    assert refused_model.texts() == ["Choosing the model needs the Manage Server permission."]
     bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": [str(member.id)]})
     stats = await invoke(bot, "stats", member)
     assert "hit rate" in stats.texts()[0]
     before = bot.pipeline.model
+    server = str(member.guild.id)
     try:
-        switched = await invoke(bot, "model", member, name="gemini-x")
-        assert switched.texts() == [f"Model switched from {before} to gemini-x."]
-        assert bot.pipeline.model == "gemini-x"
+        unknown = await invoke(bot, "model", member, name="gemini-x")
+        assert "gemini-x is not an allowed model; choose one of gemini-2.5-flash" in unknown.texts()[0]
+        switched = await invoke(bot, "model", member, name="gemini-2.5-pro")
+        assert switched.texts() == [f"This server's model switched from {before} to gemini-2.5-pro."]
+        # the server's choice persists in the context store; the front-end's default is unchanged
+        assert bot.pipeline.model == before
+        assert await bot.pipeline.server_model(server) == "gemini-2.5-pro"
+        assert "model: gemini-2.5-pro" in (await invoke(bot, "stats", member)).texts()[0]
     finally:
-        bot.pipeline.model = before
+        await bot.pipeline.set_model(server, "")
+
+
+@pytest.mark.asyncio
+async def test_persona_needs_manage_server_and_is_shown_and_reset(bot: RaycordClient) -> None:
+    member = dpytest.get_config().members[0]
+    server = str(member.guild.id)
+    refused = await invoke_sub(bot, "persona", "set", member, text="You are a pirate.")
+    assert refused.texts() == ["Changing the persona needs the Manage Server permission."]
+    assert (await invoke_sub(bot, "persona", "show", member)).texts() == ["This server has no persona."]
+    bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": [str(member.id)]})
+    try:
+        done = await invoke_sub(bot, "persona", "set", member, text="You are a pirate.")
+        assert done.texts() == ["Persona set (17 characters)."]
+        shown = await invoke_sub(bot, "persona", "show", member)
+        assert shown.texts() == ["This server's persona:\nYou are a pirate."]
+        assert await bot.pipeline.persona(server) == "You are a pirate."
+        empty = await invoke_sub(bot, "persona", "set", member, text="   ")
+        assert "a persona cannot be empty" in empty.texts()[0]
+        assert (await invoke_sub(bot, "persona", "reset", member)).texts() == ["Persona removed."]
+        assert await bot.pipeline.persona(server) == ""
+    finally:
+        bot.gate.config = bot.gate.config.model_copy(update={"admin_user_ids": []})
+        await bot.pipeline.reset_persona(server)
 
 
 @pytest.mark.asyncio

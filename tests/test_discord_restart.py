@@ -29,7 +29,7 @@ from bot.runtime import project_root
 from tests.discord_harness import TOKEN, BotProcess, StandIn, answer_to, kill_services, reply_to, wait_for
 
 COMMANDS_GLOBAL = "/applications/{application_id}/commands"
-EVERY_COMMAND = {"ask", "reset", "forget", "limits", "stats", "model", "Ask raycord"}
+EVERY_COMMAND = {"ask", "reset", "forget", "limits", "stats", "model", "persona", "Ask raycord"}
 
 
 @dataclass

@@ -317,6 +317,61 @@ def test_an_image_attachment_is_read_from_the_cdn(world: World) -> None:
     assert "You sent 1 image(s)" in answer["content"]
 
 
+def _text(name: str, data: bytes, content_type: str | None = "text/plain") -> dict[str, Any]:
+    file: dict[str, Any] = {"filename": name, "data_base64": base64.b64encode(data).decode()}
+    if content_type is not None:
+        file["content_type"] = content_type
+    return file
+
+
+def test_text_files_go_into_the_prompt_a_pdf_and_an_image_inline_and_the_excess_is_named(
+    world: World,
+) -> None:
+    channel, user = world.channel(), world.user()
+    files = [
+        _text("dot.png", PNG, "image/png"),
+        _text("paper.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", "application/pdf"),
+        _text("notes.md", b"# Plan\nship it", "text/markdown"),
+        _text("data.csv", b"a,b\n1,2", None),
+        *(_text(f"extra{i}.txt", b"more") for i in range(6)),
+    ]
+    asked = reply_to(world.stand_in, channel, user, "summarise", mention_bot=True, attachments=files)
+    answer = answer_to(world.stand_in, channel, asked["id"])["content"]
+    # the offline model quotes its prompt and counts the inline parts
+    assert "summarise notes.md: ``` # Plan ship it ``` data.csv: ``` a,b 1,2 ```" in answer
+    assert "You sent 2 image(s)" in answer
+    refused = "; ".join(f"extra{i}.txt (over the limit of 4 files per message)" for i in range(6))
+    assert answer.endswith(f"I left out {refused}.")
+
+
+def test_bad_files_are_each_named_with_the_reason_and_the_message_is_still_answered(world: World) -> None:
+    channel, user = world.channel(), world.user()
+    files = [
+        _text("legacy.txt", "café crème".encode("latin-1")),
+        _text("empty.txt", b""),
+        _text("fake.pdf", b"this is not a PDF", "application/pdf"),
+        _text("../../etc/passwd", b"root:x:0:0"),
+    ]
+    asked = reply_to(world.stand_in, channel, user, "look at these", mention_bot=True, attachments=files)
+    answer = answer_to(world.stand_in, channel, asked["id"])["content"]
+    assert "you said \u201clook at these\u201d" in answer
+    assert answer.endswith(
+        "I left out legacy.txt (it is not UTF-8 text (a legacy encoding?); save it as UTF-8); "
+        "empty.txt (it is empty); "
+        "fake.pdf (it is labelled application/pdf but is not a PDF); "
+        "../../etc/passwd (its name holds a path separator or a control character)."
+    )
+    # a 50 MB file is refused from its size alone, and a file name's control character shown
+    big = {"filename": "huge.bin", "text": "x" * 50_000_000}  # 50 MB, served from the CDN
+    bell = _text("bell\x07.txt", b"ding")
+    asked = reply_to(world.stand_in, channel, user, "and these", mention_bot=True, attachments=[big, bell])
+    answer = answer_to(world.stand_in, channel, asked["id"])["content"]
+    assert answer.endswith(
+        "I left out huge.bin (47.7 MiB; the limit for a file is 14.0 MiB); "
+        "bell?.txt (its name holds a path separator or a control character)."
+    )
+
+
 def test_a_service_failure_in_a_command_gets_a_short_ephemeral_answer(world: World) -> None:
     # the last test of the module: the context store goes away for good
     world.broken = True

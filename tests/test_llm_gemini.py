@@ -280,21 +280,44 @@ async def test_an_image_goes_upstream_as_an_inline_part(server: FakeGemini, make
     result = await llm.generate(ask("what is this?", images=(ImagePart("image/jpeg", PNG, "cat.png"),)))
     assert result.finish_reason == "STOP"
     assert server.arrivals[0].images == 1
+    assert server.arrivals[0].inline_types == ["image/png"]
+
+
+@pytest.mark.asyncio
+async def test_a_pdf_and_a_gif_go_upstream_as_inline_parts_of_their_own_type(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm()
+    pdf = ImagePart("application/octet-stream", b"%PDF-1.4\n%\xe2\xe3\n1 0 obj\n", "paper.pdf")
+    gif = ImagePart("image/gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "dot.gif")
+    result = await llm.generate(ask("summarise", images=(pdf, gif)))
+    assert result.finish_reason == "STOP"
+    assert server.arrivals[0].inline_types == ["application/pdf", "image/gif"]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("image", "says"),
     [
-        (ImagePart("text/plain", b"just some text", "notes.txt"), "notes.txt (text/plain) is not a PNG"),
-        (ImagePart("image/png", b"GIF89a" + b"\x00" * 10, "fake.png"), "fake.png (image/png) is not a PNG"),
-        (ImagePart("image/png", PNG + b"\x00" * 2000, "big.png"), "big.png is 2.0 KB; the limit is 1.0 KB"),
+        (
+            ImagePart("text/plain", b"just some text", "notes.txt"),
+            "notes.txt (text/plain) is not an image or a PDF",
+        ),
+        (
+            ImagePart("image/png", b"no image at all", "fake.png"),
+            "fake.png (image/png) is not an image or a PDF",
+        ),
+        (ImagePart("image/png", PNG + b"\x00" * 2000, "big.png"), "big.png is 2.0 KiB; the limit is 1.0 KiB"),
+        (
+            ImagePart("application/pdf", b"%PDF-1.7\n" + b"0" * 2000, "big.pdf"),
+            "big.pdf is 2.0 KiB; the limit is 1.0 KiB",
+        ),
     ],
 )
 async def test_a_bad_attachment_is_refused_with_a_reason(
     server: FakeGemini, make_llm: MakeLLM, image: ImagePart, says: str
 ) -> None:
-    llm = make_llm(max_image_bytes=1024)
+    llm = make_llm(max_image_bytes=1024, max_pdf_bytes=1024)
     with pytest.raises(InputRejected) as caught:
         await llm.generate(ask("look", images=(image,)))
     assert says in caught.value.reason
@@ -306,8 +329,8 @@ async def test_a_bad_attachment_is_refused_with_a_reason(
 
 @pytest.mark.asyncio
 async def test_too_many_images_are_refused(server: FakeGemini, make_llm: MakeLLM) -> None:
-    llm = make_llm(max_images=2)
-    with pytest.raises(InputRejected, match="3 images were attached; the limit is 2"):
+    llm = make_llm(max_attachments=2)
+    with pytest.raises(InputRejected, match="3 files were attached; the limit is 2"):
         await llm.generate(ask("look", images=(ImagePart("image/png", PNG),) * 3))
     assert server.calls == 0
 

@@ -51,13 +51,14 @@ async def test_a_streamed_gemini_reply_carries_its_tokens_into_analytics(
         assert (reply.tokens_in, reply.tokens_out, reply.finish_reason) == (prompt_tokens, 30, "STOP")
 
         bad = IncomingMessage(
-            text="what is this?",
+            text="",
             user_id="u-stream",
             scope="c",
             stateless=True,
-            attachments=[Attachment(filename="a.txt", content_type="text/plain", size=5, data=b"hello")],
+            attachments=[Attachment(filename="a.bin", size=5, data=b"\x00\x01\x02\x03\x04")],
         )
-        with pytest.raises(InputRejected, match=r"a\.txt"):
+        # a message of nothing but a refused file is refused, naming the file
+        with pytest.raises(InputRejected, match=r"a\.bin \(it is a binary file"):
             await pipeline.handle(bad)
     finally:
         await rt.shutdown(kill_actors=True)

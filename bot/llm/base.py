@@ -1,5 +1,5 @@
 """The LLM protocol the pipeline talks to, the plain request/result types, the stream
-object that carries a streamed reply's final result, and the image checks every backend shares."""
+object that carries a streamed reply's final result (the attachment checks are `bot.attachments`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from actors.errors import InputRejected, UpstreamUnavailable
+from actors.errors import UpstreamUnavailable
 
 
 @dataclass(slots=True, frozen=True)
 class ImagePart:
+    """A file the model takes inline: an image or a PDF (`bot.attachments` decides which)."""
+
     mime_type: str
     data: bytes
     #: the attachment's file name, for messages about it
@@ -156,55 +158,3 @@ class LLM(Protocol):
     def stream(self, request: LLMRequest) -> LLMStream: ...
 
     async def aclose(self) -> None: ...
-
-
-#: what Gemini takes inline, by the first bytes of the file
-_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
-    (0, b"\xff\xd8\xff", "image/jpeg"),
-    (8, b"WEBP", "image/webp"),
-    (4, b"ftypheic", "image/heic"),
-    (4, b"ftypheix", "image/heic"),
-    (4, b"ftypmif1", "image/heif"),
-    (4, b"ftypheif", "image/heif"),
-)
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
-
-
-def sniff_image_type(data: bytes) -> str | None:
-    """The image type the bytes are, judged by their signature; None if not one Gemini takes."""
-    for offset, magic, mime in _SIGNATURES:
-        if data[offset : offset + len(magic)] == magic:
-            if mime == "image/webp" and not data.startswith(b"RIFF"):
-                continue
-            return mime
-    return None
-
-
-def check_images(images: tuple[ImagePart, ...], *, max_images: int, max_bytes: int) -> tuple[ImagePart, ...]:
-    """The images as they should be sent, their type taken from their bytes.
-
-    Raises:
-        InputRejected: too many images, one too large, or one that is not an image
-            Gemini takes (whatever its declared type says).
-    """
-    if len(images) > max_images:
-        raise InputRejected(f"{len(images)} images were attached; the limit is {max_images}")
-    checked = []
-    for i, image in enumerate(images, 1):
-        label = image.name or f"attachment {i}"
-        size = len(image.data)
-        if size > max_bytes:
-            raise InputRejected(f"{label} is {_size(size)}; the limit is {_size(max_bytes)} per image")
-        actual = sniff_image_type(image.data)
-        if actual is None:
-            declared = image.mime_type or "unknown type"
-            raise InputRejected(f"{label} ({declared}) is not a PNG, JPEG, WEBP, HEIC or HEIF image")
-        checked.append(ImagePart(actual, image.data, image.name))
-    return tuple(checked)
-
-
-def _size(size: int) -> str:
-    if size >= 1024 * 1024:
-        return f"{size / (1024 * 1024):.1f} MB"
-    return f"{size / 1024:.1f} KB"

@@ -76,6 +76,8 @@ class Arrival:
     config: dict[str, Any] = field(default_factory=dict)
     #: the text of each turn before the new message, oldest first
     history: list[str] = field(default_factory=list)
+    #: the MIME type of each inline part of the new message, as sent on the wire
+    inline_types: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -221,6 +223,12 @@ class FakeGemini:
                 len(contents),
                 dict(body.get("generationConfig") or {}),
                 [" ".join(p.get("text", "") for p in c.get("parts", ())) for c in contents[:-1]],
+                [
+                    # the API's JSON takes either case, and the SDK sends dict parts in snake_case
+                    str(p["inlineData"].get("mimeType") or p["inlineData"].get("mime_type") or "")
+                    for p in (contents[-1].get("parts", ()) if contents else ())
+                    if "inlineData" in p
+                ],
             )
         )
         self._arrived.set()

@@ -37,6 +37,7 @@ from yarl import URL
 from actors import metrics
 from actors.base import Clock, Service, ShardedClient
 from actors.errors import InputRejected, RaycordError, ServiceUnavailable, UpstreamUnavailable
+from bot.attachments import AttachmentPolicy, check_inline_parts
 from bot.config import LLMSettings, Settings
 from bot.llm.base import (
     Backend,
@@ -47,7 +48,6 @@ from bot.llm.base import (
     LLMStream,
     UnknownModel,
     UpstreamCoolingDown,
-    check_images,
     result_stream,
 )
 from bot.llm.offline import OFFLINE_MODEL, OfflineBackend
@@ -732,9 +732,10 @@ class LLMGateway(Service):
         return cost
 
     def _images(self, request: LLMRequest) -> tuple[ImagePart, ...]:
-        return check_images(
-            request.images, max_images=self.settings.max_images, max_bytes=self.settings.max_image_bytes
-        )
+        cfg = self.settings
+        # text files are in the prompt by now: only inline parts are checked here
+        policy = AttachmentPolicy(cfg.max_attachments, cfg.max_image_bytes, cfg.max_pdf_bytes, 0)
+        return check_inline_parts(request.images, policy)
 
     def _upstream(self) -> Backend:
         """The backend, made on first use (in the running loop its HTTP session belongs to)."""
