@@ -385,14 +385,14 @@ class ResponseCache(Service):
     async def get(self, key: str, scope: str | None = None) -> str | None:
         self._ensure_maintenance()
         value = self.get_now(key, scope)
-        self._publish_counters()
+        self._export_metrics()
         return value
 
     async def get_many(self, keys: Sequence[str], scope: str | None = None) -> list[str | None]:
         """Values in the order of `keys`, None for each miss: one round trip for many keys."""
         self._ensure_maintenance()
         values = [self.get_now(k, scope) for k in keys]
-        self._publish_counters()
+        self._export_metrics()
         return values
 
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
@@ -409,7 +409,7 @@ class ResponseCache(Service):
     ) -> bool:
         self._ensure_maintenance()
         stored = self.set_now(key, value, scope, user, ttl)
-        self._publish_counters()
+        self._export_metrics()
         return stored
 
     async def set_many(
@@ -426,7 +426,7 @@ class ResponseCache(Service):
                 raise ValueError(f"set_many takes (key, value, scope, user) tuples, got {item!r:.80}")
             _check_item(*item)
         stored = sum(self.set_now(key, value, scope, user, ttl) for key, value, scope, user in items)
-        self._publish_counters()
+        self._export_metrics()
         return stored
 
     async def delete(self, key: str) -> bool:
@@ -443,12 +443,12 @@ class ResponseCache(Service):
 
     async def maintain(self) -> None:
         self.expire_now()
-        self._publish_counters()
+        self._export_metrics()
         self._gauges["entries"].set(len(self._entries), tags=self._tags)
         self._gauges["raw_bytes"].set(self._raw_bytes, tags=self._tags)
         self._gauges["stored_bytes"].set(self._stored_bytes, tags=self._tags)
 
-    def _publish_counters(self) -> None:
+    def _export_metrics(self) -> None:
         for name, metric in self._counters.items():
             value = getattr(self, name)
             if value != self._published[name]:

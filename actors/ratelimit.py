@@ -520,12 +520,12 @@ class RateLimiter(Service):
                 del states[key]
                 statements.append(ratelimit_db.delete(key))
         self.idle_dropped += len(statements)
-        self._report_metrics()
+        self._export_metrics()
         if statements:
             await self._committer.write(statements)
         await self.flush()
 
-    def _report_metrics(self) -> None:
+    def _export_metrics(self) -> None:
         stats = self._stats()
         for name, counter in self._metric_counters.items():
             value = getattr(self, name)
@@ -620,13 +620,6 @@ class RateLimitClient(ShardedClient):
             self._call(theirs, RateLimiter.usage, None, server),
         )
         return [u for part in parts for u in part]
-
-    async def reset(self, user: str) -> int:
-        return await self._call(self.handle_for(user), RateLimiter.reset, user)
-
-    async def reconfigure(self, config: RateLimitConfig) -> RateLimitConfig:
-        """Apply new limits on every shard without losing counts."""
-        return (await self._call_all(RateLimiter.reconfigure, config))[0]
 
     async def stats(self) -> list[RateLimitStats]:
         return await self._call_all(RateLimiter.stats)

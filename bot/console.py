@@ -227,6 +227,11 @@ class ConsoleChat:
         if not name:
             self._say(f"model: {self.pipeline.model}")
             return True
+        allowed = self.pipeline.settings.llm.allowed_models
+        if name not in allowed:
+            # the same rule as Discord's /model: only models the operator allowed
+            self._say(f"{name} is not an allowed model; choose one of {', '.join(allowed)}.")
+            return True
         previous, self.pipeline.model = self.pipeline.model, name
         self._say(f"Model switched from {previous} to {self.pipeline.model}.")
         return True

@@ -117,9 +117,11 @@ async def test_stats_is_the_pipeline_summary(runtime: Runtime, user: str) -> Non
 @pytest.mark.asyncio
 async def test_model_shows_and_switches_the_model(runtime: Runtime, user: str) -> None:
     pipeline, _ = _pipeline(runtime)
-    lines = await _chat(pipeline, user, "/model\n/model gemini-2.5-pro\n/model\n")
+    lines = await _chat(pipeline, user, "/model\n/model no-such-model\n/model gemini-2.5-pro\n/model\n")
+    allowed = ", ".join(pipeline.settings.llm.allowed_models)
     assert lines == [
         "model: offline-echo",
+        f"no-such-model is not an allowed model; choose one of {allowed}.",
         "Model switched from offline-echo to gemini-2.5-pro.",
         "model: gemini-2.5-pro",
     ]
