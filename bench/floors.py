@@ -43,10 +43,10 @@ __all__ = [
 QUIET_FLOORS: dict[str, float | None] = {
     #: the issue's quiet-machine runs: 0.53-0.94 ms p50
     "empty_actor_call_ms": 0.9,
-    #: to be recorded by the lead on a quiet machine
-    "fsync_ms": None,
-    #: to be recorded by the lead on a quiet machine
-    "ping_pong_ms": None,
+    #: five quiet runs of `python -m bench.floors` (2026-12-01): 0.152-0.247 ms
+    "fsync_ms": 0.15,
+    #: the same five runs: 0.065-0.085 ms
+    "ping_pong_ms": 0.065,
 }
 #: a floor over this many times its quiet value makes the run invalid
 TOLERANCE = 2.0
