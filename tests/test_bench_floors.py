@@ -7,31 +7,35 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from bench import floors
 
 
 def _floors(**measured: float | None) -> dict[str, object]:
-    return {
-        "measured": {"empty_actor_call_ms": 0.5, "fsync_ms": 1.0, "ping_pong_ms": 0.05, **measured},
-        "other_cpu_cores": 0.0,
-    }
+    """Floors as a run records them: each at its quiet value unless given."""
+    quiet = {name: 1.0 if value is None else value for name, value in floors.QUIET_FLOORS.items()}
+    return {"measured": {**quiet, **measured}, "other_cpu_cores": 0.0}
 
 
 def test_a_run_within_twice_the_quiet_floors_and_alone_is_valid() -> None:
-    assert floors.verdict(_floors(empty_actor_call_ms=2 * 0.9)) == []
+    at_limit = {n: 2 * v for n, v in floors.QUIET_FLOORS.items() if v is not None}
+    assert floors.verdict(_floors(**at_limit)) == []
 
 
 def test_a_floor_over_twice_its_quiet_value_or_busy_neighbours_make_a_run_invalid() -> None:
-    slow = floors.verdict(_floors(empty_actor_call_ms=2.5))
-    assert len(slow) == 1 and slow[0].startswith("empty_actor_call_ms 2.5 ms is over 2x")
+    quiet_call = floors.QUIET_FLOORS["empty_actor_call_ms"]
+    assert quiet_call is not None
+    slow = floors.verdict(_floors(empty_actor_call_ms=2.5 * quiet_call))
+    assert len(slow) == 1 and slow[0].startswith("empty_actor_call_ms ")
+    assert "is over 2x" in slow[0]
     busy = floors.verdict({**_floors(), "other_cpu_cores": 0.3})
     assert len(busy) == 1 and "0.30 of a core" in busy[0]
 
 
-def test_a_floor_without_a_recorded_quiet_value_judges_nothing() -> None:
-    unrecorded = [name for name, quiet in floors.QUIET_FLOORS.items() if quiet is None]
-    assert floors.verdict(_floors(**dict.fromkeys(unrecorded, 1e9))) == []
+def test_a_floor_without_a_recorded_quiet_value_judges_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(floors.QUIET_FLOORS, "fsync_ms", None)
+    assert floors.verdict(_floors(fsync_ms=1e9)) == []
 
 
 #: burns half a CPU second, then waits to be stopped
