@@ -8,7 +8,7 @@ never see each other's actors or files while sharing one Ray and one server.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 import ray
 
+from actors.context import DAY, ContextConfig, ContextStore
 from bench.pgserver import PgServer, pg_bin_dir
 from bot.config import Settings
 from bot.pipeline import ChatPipeline
@@ -136,3 +137,23 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateBacken
         return StateBackend(name, tmp_path / "state")
     server: PgServer = request.getfixturevalue("pg_server")
     return StateBackend(name, await server.create_database(f"t_{uuid.uuid4().hex[:16]}"))
+
+
+MakeStore = Callable[..., ContextStore]
+
+
+@pytest_asyncio.fixture
+async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
+    """Opens ContextStores on the test's state backend and closes them all at the end."""
+    opened: list[ContextStore] = []
+
+    def make(**config: Any) -> ContextStore:
+        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
+        # tests run `maintain()` themselves, at the moment they check
+        store.maintenance_interval = 10 * DAY
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()

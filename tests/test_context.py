@@ -10,12 +10,10 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import ray
 
 from actors.context import DAY, ContextClient, ContextConfig, ContextStore, conversation_key, graph_key
@@ -25,26 +23,7 @@ from actors.sharding import shard_index
 from bot.runtime import Runtime
 from storage.context_db import db_path
 from storage.sqlite import DURABILITY_INTERVAL
-from tests.conftest import FakeClock, StateBackend, both_backends, make_settings
-
-MakeStore = Callable[..., ContextStore]
-
-
-@pytest_asyncio.fixture
-async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    """Opens ContextStores on one state location and closes them all at the end."""
-    opened: list[ContextStore] = []
-
-    def make(**config: Any) -> ContextStore:
-        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
-        # tests run `maintain()` themselves, at the moment they check
-        store.maintenance_interval = 10 * DAY
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        await store.close()
+from tests.conftest import FakeClock, MakeStore, StateBackend, both_backends, make_settings
 
 
 def turn(text: str, clock: FakeClock, role: str = "user", author: str = "u") -> Turn:

@@ -3,32 +3,11 @@ context store, bounded, and gone with their conversation (reset, forget, stale c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 import pytest
-import pytest_asyncio
 
-from actors.context import DAY, ContextConfig, ContextStore
+from actors.context import DAY, ContextStore
 from actors.schemas import Turn
-from tests.conftest import FakeClock, StateBackend, both_backends
-
-MakeStore = Callable[..., ContextStore]
-
-
-@pytest_asyncio.fixture
-async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    opened: list[ContextStore] = []
-
-    def make(**config: Any) -> ContextStore:
-        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
-        store.maintenance_interval = 10 * DAY
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        await store.close()
+from tests.conftest import FakeClock, MakeStore, both_backends
 
 
 async def talk(store: ContextStore, scope: str, user: str, clock: FakeClock, *replies: str) -> None:

@@ -4,36 +4,14 @@ requests, and part of the cache key."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 import pytest
-import pytest_asyncio
 
-from actors.context import DAY, ContextConfig, ContextStore
 from actors.errors import InputRejected
 from actors.schemas import IncomingMessage
 from bot.llm import LLMRequest, LLMResult, OfflineResponder
 from bot.pipeline import ChatPipeline
 from bot.runtime import Runtime
-from tests.conftest import FakeClock, StateBackend, both_backends
-
-MakeStore = Callable[..., ContextStore]
-
-
-@pytest_asyncio.fixture
-async def make_store(backend: StateBackend, clock: FakeClock) -> AsyncIterator[MakeStore]:
-    opened: list[ContextStore] = []
-
-    def make(**config: Any) -> ContextStore:
-        store = ContextStore(ContextConfig(**config), backend.location, 0, clock=clock)
-        store.maintenance_interval = 10 * DAY
-        opened.append(store)
-        return store
-
-    yield make
-    for store in opened:
-        await store.close()
+from tests.conftest import MakeStore, both_backends
 
 
 @both_backends
