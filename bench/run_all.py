@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import floors
+from bench import floors, tables
 from bench.common import RESULTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,15 +100,10 @@ RUNS: tuple[Run, ...] = (
     Run("soak-full", "bench.soak", ("--size", "full"), ("--size", "tiny"), tiny_name="soak-tiny"),
 )
 
-#: per micro benchmark, the parts of its result its table shows (every numeric leaf in them)
+#: per benchmark without a renderer in `bench.tables`, the parts of its result its table
+#: shows (every numeric leaf in them)
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "cache_bench": ("comparisons", "targets"),
-    "context_bench": ("summary",),
-    "ratelimit_bench": ("ratios", "targets"),
-    "analytics_bench": ("ratios", "targets"),
     "llm_bench": ("speedup_vs_sequential", "single_call_ceiling_ratio", "cpu_per_call_ms"),
-    "soak-full": ("rss_growth_second_half_mb",),
-    "soak-tiny": ("rss_growth_second_half_mb",),
 }
 
 
@@ -127,25 +122,17 @@ def _leaves(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, value
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.4g}"
-
-
 def _table(name: str, results: dict[str, Any], shown: str) -> list[str]:
     if "raycord" in results and "naive" in results:
         from bench.loadtest import LoadConfig, markdown
 
         report = markdown(name, LoadConfig(**results["config"]), results, shown).splitlines()
         return [line for line in report if line.startswith("|")]
+    if name in tables.RENDERERS:
+        return tables.RENDERERS[name](results)
     keys = TABLE_KEYS.get(name, tuple(k for k in results if k not in ("floors", "size")))
     rows = [(path, value) for key in keys if key in results for path, value in _leaves(results[key], key)]
-    return ["| figure | value |", "|---|---|", *(f"| {path} | {_fmt(value)} |" for path, value in rows)]
+    return ["| figure | value |", "|---|---|", *(f"| {path} | {tables.fmt(value)} |" for path, value in rows)]
 
 
 def render_section(run: Run, tiny: bool, results_dir: Path) -> list[str]:
@@ -170,18 +157,26 @@ def regenerate(text: str, runs: tuple[Run, ...], tiny: bool, results_dir: Path) 
     """`text` with every generated section rebuilt; the rest is kept as it is.
 
     Raises:
-        ValueError: a run's section has no markers in `text`.
+        ValueError: a run's section, or the load test's targets (`load-targets`), has no
+            markers in `text`.
     """
     for run in runs:
-        pattern = re.compile(
-            rf"(<!-- generated: {re.escape(run.name)} -->\n).*?(<!-- /generated: {re.escape(run.name)} -->)",
-            re.DOTALL,
-        )
-        if not pattern.search(text):
-            raise ValueError(f"BENCHMARKS.md has no generated section for {run.name}")
-        body = "\n".join(render_section(run, tiny, results_dir))
-        text = pattern.sub(lambda m, body=body: f"{m.group(1)}{body}\n{m.group(2)}", text)
-    return text
+        text = _replace(text, run.name, "\n".join(render_section(run, tiny, results_dir)))
+    return _replace(text, "load-targets", "\n".join(tables.load_targets(results_dir)))
+
+
+def _replace(text: str, name: str, body: str) -> str:
+    """`text` with the generated section `name` holding `body`.
+
+    Raises:
+        ValueError: `text` has no markers for `name`.
+    """
+    pattern = re.compile(
+        rf"(<!-- generated: {re.escape(name)} -->\n).*?(<!-- /generated: {re.escape(name)} -->)", re.DOTALL
+    )
+    if not pattern.search(text):
+        raise ValueError(f"BENCHMARKS.md has no generated section for {name}")
+    return pattern.sub(lambda m: f"{m.group(1)}{body}\n{m.group(2)}", text)
 
 
 def main(argv: list[str] | None = None) -> int:
