@@ -15,7 +15,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from bot.attach import NoBotFound
-from bot.config import DiscordSettings, Settings
+from bot.config import Settings
 
 log = logging.getLogger("raycord")
 
@@ -96,10 +96,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
         settings = settings.model_copy(update={"llm": llm})
     frontends = getattr(args, "frontends", None)
     if frontends is not None:
-        discord_settings = DiscordSettings.model_validate(
-            {**settings.discord.model_dump(), "frontends": frontends}
-        )
-        settings = settings.model_copy(update={"discord": discord_settings})
+        settings = settings.with_discord(frontends=frontends)
     return settings
 
 

@@ -375,6 +375,11 @@ class Settings(BaseSettings):
         password = self.state_password.get_secret_value() if self.state_password else None
         return PgTarget(self.state_url, password)
 
+    def with_discord(self, **changes: Any) -> Settings:
+        """These settings with `changes` to the discord section, validated (`model_copy` is not)."""
+        discord = DiscordSettings.model_validate({**self.discord.model_dump(), **changes})
+        return self.model_copy(update={"discord": discord})
+
     def llm_backend(self) -> Literal["gemini", "offline"]:
         if self.llm.backend == "auto":
             return "gemini" if self.gemini_api_key or self.llm.base_url else "offline"

@@ -3,7 +3,7 @@
 Each `DiscordFrontend` actor runs a `RaycordBot` over a contiguous block of the bot's gateway
 shards, with a `ChatPipeline` of its own over the shared service actors and LLM gateway. The
 driver (`run_frontends`) fixes the shard count once, registers the commands, starts the actors
-(no CPU, spread over the nodes, restarted without limit with the same shards), waits on them
+(no CPU, one node after another, restarted without limit with the same shards), waits on them
 and stops them; `raycord status` asks each for its `status()`.
 """
 
@@ -20,8 +20,9 @@ from typing import Any
 import discord
 import ray
 from pydantic import BaseModel
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from bot.config import DiscordSettings, Settings
+from bot.config import Settings
 from bot.discord_app import RaycordBot, RaycordClient, run_discord, use_api_base
 from bot.runtime import Runtime, cluster_mode
 
@@ -119,13 +120,6 @@ def check_frontends(settings: Settings, front_end: str) -> None:
         )
 
 
-def _with_shards(settings: Settings, shard_count: int, shard_ids: list[int] | None) -> Settings:
-    discord_settings = DiscordSettings.model_validate(
-        {**settings.discord.model_dump(), "shard_count": shard_count, "shard_ids": shard_ids}
-    )
-    return settings.model_copy(update={"discord": discord_settings})
-
-
 async def prepare_frontends(settings: Settings) -> Settings:
     """Log in over REST once for every front-end: register the command tree when it changed
     (the driver runs where the state directory is; the actors may not), and fix the shard
@@ -155,7 +149,7 @@ async def prepare_frontends(settings: Settings) -> Settings:
             f"could not ask Discord at {settings.discord.api_base_url} for the shard count: {exc}"
         ) from exc
     try:
-        return _with_shards(settings, shard_count, settings.discord.shard_ids)
+        return settings.with_discord(shard_count=shard_count)
     except ValueError as exc:
         raise FrontendError(" ".join(str(exc).split())) from exc
 
@@ -268,19 +262,31 @@ def _restarts(actor_id: str | None) -> int | None:
         return None
 
 
-def _start(settings: Settings, index: int, shard_ids: list[int]) -> Any:
+def spread_nodes() -> list[str]:
+    """The ids of the live nodes, in the order front-ends are placed on them round-robin."""
+    live = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+    return sorted(str(n["NodeID"]) for n in live if n["Alive"])
+
+
+def _start(settings: Settings, index: int, shard_ids: list[int], nodes: list[str]) -> Any:
     remote_cls: Any = ray.remote(DiscordFrontend)
+    # the actor runs its block of shards itself: `frontends` is the driver's setting
+    own = settings.with_discord(shard_ids=shard_ids, frontends=None)
     try:
         return remote_cls.options(
             name=frontend_name(index),
             namespace=settings.namespace,
             num_cpus=0,
-            # stateless: spread, so a node's death takes down as few front-ends as possible
-            scheduling_strategy="SPREAD",
+            # Stateless: spread, so a node's death takes down as few front-ends as possible.
+            # Ray's "SPREAD" leaves an actor that asks for no resources on whichever node the
+            # GCS forwards it to (the cluster test saw every such actor land on one node), so
+            # each front-end asks for a node of its own, round-robin; soft, so a restart after
+            # that node's death lands on a live one.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True),
             max_restarts=-1,
             # the driver's `serve()` call waits across a restart
             max_task_retries=-1,
-        ).remote(_with_shards(settings, settings.discord.shard_count or 0, shard_ids), index)
+        ).remote(own, index)
     except ValueError as exc:  # the name is taken
         raise FrontendError(
             f"{frontend_name(index)} already runs in namespace {settings.namespace!r}: another "
@@ -313,9 +319,10 @@ async def run_frontends(
         raise ValueError("run_frontends needs discord.frontends and discord.shard_count")
     shard_ids = config.shard_ids if config.shard_ids is not None else list(range(config.shard_count))
     handles: list[Any] = []
+    nodes = spread_nodes()
     try:
         for index, block in enumerate(split_shards(shard_ids, config.frontends)):
-            handles.append(_start(settings, index, block))
+            handles.append(_start(settings, index, block, nodes))
         stopper = asyncio.ensure_future(stop.wait())
         ready = asyncio.ensure_future(asyncio.gather(*(h.wait_ready.remote() for h in handles)))
         served = [asyncio.ensure_future(h.serve.remote()) for h in handles]
