@@ -47,6 +47,8 @@ FRONTEND_PREFIX = "frontend"
 STOP_TIMEOUT = 20.0
 #: seconds one front-end has to answer `status()`
 STATUS_TIMEOUT = 5.0
+#: bytes of Ray's `memory` resource a front-end reserves, so that its placement is honoured
+PLACEMENT_MEMORY = 2**20
 
 
 class FrontendError(Exception):
@@ -277,12 +279,14 @@ def _start(settings: Settings, index: int, shard_ids: list[int], nodes: list[str
             name=frontend_name(index),
             namespace=settings.namespace,
             num_cpus=0,
-            # Stateless: spread, so a node's death takes down as few front-ends as possible.
-            # Ray's "SPREAD" leaves an actor that asks for no resources on whichever node the
-            # GCS forwards it to (the cluster test saw every such actor land on one node), so
-            # each front-end asks for a node of its own, round-robin; soft, so a restart after
-            # that node's death lands on a live one.
+            # Stateless: spread, so a node's death takes down as few front-ends as possible:
+            # each asks for a node of its own, round-robin; soft, so a restart after that
+            # node's death lands on a live one. An actor that asks for no resources at all is
+            # sent to a random node's raylet, which heeds neither this affinity nor "SPREAD"
+            # (Ray 2.60: the cluster test saw every such actor on one node); a token `memory`
+            # request routes it through its owner's raylet, which heeds both.
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True),
+            memory=PLACEMENT_MEMORY,
             max_restarts=-1,
             # the driver's `serve()` call waits across a restart
             max_task_retries=-1,
