@@ -175,6 +175,8 @@ class DiscordFrontend:
         self._bot: RaycordBot | None = None
         self._error: str | None = None
         self._runtime = Runtime(settings, create_services=False)
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._node_ip = _node_ip(self._node_id)
         # async actors run `__init__` on their event loop
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
@@ -237,8 +239,8 @@ class DiscordFrontend:
             )
         return FrontendStatus(
             name=self.name,
-            node_id=context.get_node_id(),
-            node_ip=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+            node_id=self._node_id,
+            node_ip=self._node_ip,
             pid=os.getpid(),
             shard_count=self.shard_count,
             shards=shards,
@@ -264,10 +266,19 @@ def _restarts(actor_id: str | None) -> int | None:
         return None
 
 
+def _live_nodes() -> dict[str, str]:
+    """The live nodes of the cluster: node id -> the IP address the node was started with."""
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+    return {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in nodes if n["Alive"]}
+
+
+def _node_ip(node_id: str) -> str:
+    return _live_nodes().get(node_id, "?")
+
+
 def spread_nodes() -> list[str]:
     """The ids of the live nodes, in the order front-ends are placed on them round-robin."""
-    live = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
-    return sorted(str(n["NodeID"]) for n in live if n["Alive"])
+    return sorted(_live_nodes())
 
 
 def _start(settings: Settings, index: int, shard_ids: list[int], nodes: list[str]) -> Any:
