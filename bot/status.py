@@ -1,8 +1,9 @@
 """`raycord status`: a live terminal dashboard of the running services, with alerts.
 
 Attaches to the named service actors (it never creates one), asks each replica for its
-`health()` and `stats()`, reads p95 latency and the error rate of the recent messages
-from the analytics events in DuckDB, and renders them with rich.
+`health()` and `stats()` and each Discord front-end actor (`--frontends N`) for its
+`status()`, reads p95 latency and the error rate of the recent messages from the analytics
+events in DuckDB, and renders them with rich.
 """
 
 from __future__ import annotations

@@ -24,10 +24,18 @@ from rich.console import Console
 from bot.cli import main
 from bot.config import Settings
 from bot.deploy import ENTRYPOINT, entrypoint
-from bot.frontend import FrontendError, FrontendStatus, check_frontends, frontend_statuses, split_shards
+from bot.frontend import (
+    FrontendError,
+    FrontendStatus,
+    check_frontends,
+    frontend_statuses,
+    prepare_frontends,
+    split_shards,
+)
 from bot.status import run_status
 from tests.conftest import make_settings
 from tests.discord_harness import (
+    TOKEN,
     BotProcess,
     StandIn,
     answer_to,
@@ -95,6 +103,26 @@ def test_deploy_passes_the_frontends_to_the_jobs_entrypoint(tmp_path: Path) -> N
     assert entrypoint(tmp_path, frontends=2) == f"{ENTRYPOINT} --frontends 2"
     config = tmp_path / "bot.yaml"
     assert entrypoint(tmp_path, config, 3) == f"{ENTRYPOINT} --frontends 3 --config bot.yaml"
+
+
+def test_the_driver_asks_discord_for_the_shard_count_once_and_refuses_what_cannot_work(
+    tmp_path: Path,
+) -> None:
+    stand_in = StandIn(guilds=1)
+    try:
+
+        def settings(token: str, frontends: int) -> Settings:
+            discord = {"api_base_url": stand_in.url, "frontends": frontends}
+            return make_settings(tmp_path, discord_token=token, discord=discord, ray_address="auto")
+
+        # the stand-in's /gateway/bot recommends one shard
+        assert asyncio.run(prepare_frontends(settings(TOKEN, 1))).discord.shard_count == 1
+        with pytest.raises(FrontendError, match="more than the 1 shard"):
+            asyncio.run(prepare_frontends(settings(TOKEN, 2)))
+        with pytest.raises(FrontendError, match="Discord refused the token"):
+            asyncio.run(prepare_frontends(settings("not-the-token", 1)))
+    finally:
+        stand_in.stop()
 
 
 # -- two front-end actors on the session's Ray ----------------------------------------------
