@@ -267,7 +267,7 @@ def _restarts(actor_id: str | None) -> int | None:
 
 
 def _live_nodes() -> dict[str, str]:
-    """The live nodes of the cluster: node id -> the IP address the node was started with."""
+    """The live nodes of the cluster: node id -> the node's address as Ray records it."""
     nodes = ray.nodes()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
     return {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in nodes if n["Alive"]}
 

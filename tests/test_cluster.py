@@ -324,7 +324,6 @@ def test_status_on_the_cluster_shows_the_services(outcome: dict[str, Any]) -> No
     for name, shards in FRONTENDS.items():
         # its shards, all connected, each with a gateway latency
         assert f"{shards[0]} of {SHARDS}" in rows[name] and "1/1" in rows[name] and " ms" in rows[name], rows
-        assert "127.0.0.1" in rows[name], rows  # the address the node was started with
     assert "has shard" not in status["stdout"] and "frontend-0 is down" not in status["stdout"]
 
 
