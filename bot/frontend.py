@@ -224,6 +224,15 @@ class DiscordFrontend:
         self._stop.set()
         await asyncio.gather(self._task, return_exceptions=True)
 
+    async def flush(self) -> None:
+        """Drain the pipeline's background writes (`raycord deploy --stop` flushes every actor
+        of the namespace, then closes it)."""
+        if self._runtime.pipeline is not None:
+            await self._runtime.pipeline.drain()
+
+    async def close(self) -> None:
+        await self.stop()
+
     async def status(self) -> FrontendStatus:
         context = ray.get_runtime_context()
         shards = []
@@ -355,6 +364,8 @@ async def run_frontends(
             pending.cancel()
     except ray.exceptions.RayTaskError as exc:  # the actor's own error, said without Ray's traceback
         raise FrontendError(str(exc.cause)) from None
+    except ray.exceptions.RayActorError as exc:  # killed with no_restart by someone else
+        raise FrontendError(f"a front-end actor is gone for good: {exc}") from None
     finally:
         await _stop_all(handles)
 
