@@ -35,6 +35,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Gemini model name")
 
 
+def _frontends_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        metavar="N",
+        help="on a Ray cluster, run N Discord front-end actors sharing the gateway shards "
+        "(default: the front-end runs in this process)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ToolParser(prog="raycord", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="start the bot: Discord when DISCORD_TOKEN is set, else the terminal chat"
     )
     _common(run)
+    _frontends_flag(run)
     chat = sub.add_parser("chat", help="chat in the terminal (reads stdin; piped input works)")
     _common(chat)
     deploy = sub.add_parser("deploy", help="submit the bot as a Ray job to a cluster (--stop: stop it)")
     _common(deploy)
+    _frontends_flag(deploy)
     deploy.add_argument(
         "--stop", action="store_true", help="stop the deployed bot and drain and remove its services"
     )
@@ -82,6 +94,9 @@ def load_settings(args: argparse.Namespace) -> Settings:
             update={k: v for k, v in {"base_url": args.llm_base_url, "model": args.model}.items() if v}
         )
         settings = settings.model_copy(update={"llm": llm})
+    frontends = getattr(args, "frontends", None)
+    if frontends is not None:
+        settings = settings.with_discord(frontends=frontends)
     return settings
 
 
@@ -106,7 +121,14 @@ def start_block(
     settings: Settings, front_end: str, model: str, dashboard_url: str | None, ray_log: Path
 ) -> str:
     """What `raycord run` says it started, before the first prompt."""
-    if front_end == "discord":
+    frontends = settings.discord.frontends
+    if front_end == "discord" and frontends is not None:
+        where = (
+            f"Discord, {frontends} front-end actor(s) over {settings.discord.shard_count} shard(s) "
+            "(logging in; its name follows once all are connected)"
+        )
+        stop = "Ctrl-C"
+    elif front_end == "discord":
         where, stop = "Discord (logging in; its name follows once connected)", "Ctrl-C"
     else:
         where, stop = "terminal chat (/help lists the commands)", "/quit or Ctrl-D (Ctrl-C works too)"
@@ -132,6 +154,14 @@ async def _serve(settings: Settings, command: str, front_end: str, announce: boo
     from bot.runtime import ConfigurationError, Runtime, ray_log_path, route_ray_logs
 
     route_ray_logs(ray_log_path(settings))
+    if settings.discord.frontends is not None:
+        from bot.frontend import FrontendError, prepare_frontends
+
+        try:
+            settings = await prepare_frontends(settings)
+        except FrontendError as exc:
+            print(f"raycord {command}: {exc}", file=sys.stderr)
+            return 1
     runtime = Runtime(settings)
     try:
         pipeline = await runtime.start()
@@ -149,7 +179,15 @@ async def _serve(settings: Settings, command: str, front_end: str, announce: boo
             flush=True,
         )
     try:
-        if front_end == "discord":
+        if front_end == "discord" and settings.discord.frontends is not None:
+            from bot.frontend import FrontendError, run_frontends
+
+            try:
+                await run_frontends(settings, stop, on_ready=announce_discord_ready)
+            except FrontendError as exc:
+                print(f"raycord {command}: {exc}", file=sys.stderr)
+                return 1
+        elif front_end == "discord":
             from bot.discord_app import run_discord
 
             await run_discord(settings, pipeline, stop, on_ready=announce_discord_ready)
@@ -203,7 +241,7 @@ def _deploy(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         flags = {"RAYCORD_LLM__BASE_URL": args.llm_base_url, "RAYCORD_LLM__MODEL": args.model}
-        deployment = submit(settings, address, working_dir, os.environ, flags, args.config)
+        deployment = submit(settings, address, working_dir, os.environ, flags, args.config, args.frontends)
     except DeployError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
@@ -282,6 +320,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     front_end = "terminal"
     if args.command == "run" and settings.discord_token is not None:
         front_end = "discord"
+    if settings.discord.frontends is not None:
+        from bot.frontend import FrontendError, check_frontends
+
+        try:
+            check_frontends(settings, front_end)
+        except FrontendError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
     # `run` always says what it started; `chat` only on a terminal, so piped use stays silent
     announce = args.command == "run" or sys.stdin.isatty()
     return asyncio.run(_serve(settings, args.command, front_end, announce))

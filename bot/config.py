@@ -236,6 +236,9 @@ class DiscordSettings(BaseModel):
     shard_count: int | None = Field(default=None, ge=1)
     #: the shards this process runs (all of them when None); needs `shard_count`
     shard_ids: list[int] | None = None
+    #: on a Ray cluster, run the front-end as this many actors (`raycord run --frontends N`),
+    #: each over a contiguous block of the shards; None runs it in the `raycord run` process
+    frontends: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _shards_fit(self) -> DiscordSettings:
@@ -245,6 +248,14 @@ class DiscordSettings(BaseModel):
             bad = [s for s in self.shard_ids if not 0 <= s < self.shard_count]
             if bad:
                 raise ValueError(f"discord.shard_ids {bad} are outside 0..{self.shard_count - 1}")
+        shards = self.shard_ids if self.shard_ids is not None else self.shard_count
+        if self.frontends is not None and shards is not None:
+            count = len(shards) if isinstance(shards, list) else shards
+            if self.frontends > count:
+                raise ValueError(
+                    f"discord.frontends {self.frontends} is more than the {count} shard(s) to share "
+                    "out: each front-end runs at least one shard (raise discord.shard_count)"
+                )
         return self
 
 
@@ -363,6 +374,11 @@ class Settings(BaseSettings):
             return self.state_dir.resolve()
         password = self.state_password.get_secret_value() if self.state_password else None
         return PgTarget(self.state_url, password)
+
+    def with_discord(self, **changes: Any) -> Settings:
+        """These settings with `changes` to the discord section, validated (`model_copy` is not)."""
+        discord = DiscordSettings.model_validate({**self.discord.model_dump(), **changes})
+        return self.model_copy(update={"discord": discord})
 
     def llm_backend(self) -> Literal["gemini", "offline"]:
         if self.llm.backend == "auto":

@@ -107,22 +107,23 @@ def runtime_env(working_dir: Path, env_vars: Mapping[str, str]) -> dict[str, Any
     return {"working_dir": str(working_dir), "excludes": list(DEPLOY_EXCLUDES), "env_vars": dict(env_vars)}
 
 
-def entrypoint(working_dir: Path, config: Path | None = None) -> str:
-    """The job's command: `ENTRYPOINT`, with `--config` when a YAML file is given, which the
-    job finds in its copy of the working directory.
+def entrypoint(working_dir: Path, config: Path | None = None, frontends: int | None = None) -> str:
+    """The job's command: `ENTRYPOINT`, with `--frontends N` when given, and `--config` when a
+    YAML file is given, which the job finds in its copy of the working directory.
 
     Raises:
         DeployError: the file is outside the working directory, so the job would not have it.
     """
+    command = ENTRYPOINT if frontends is None else f"{ENTRYPOINT} --frontends {int(frontends)}"
     if config is None:
-        return ENTRYPOINT
+        return command
     resolved, root = config.resolve(), working_dir.resolve()
     if root not in resolved.parents:
         raise DeployError(
             f"the config file {config} is outside the working directory {root}, which is all the job "
             "gets: move it there (or pass --working-dir), or set its values as RAYCORD_* variables."
         )
-    return f"{ENTRYPOINT} --config {shlex.quote(str(resolved.relative_to(root)))}"
+    return f"{command} --config {shlex.quote(str(resolved.relative_to(root)))}"
 
 
 def _client(address: str) -> Any:
@@ -166,13 +167,14 @@ def submit(
     environ: Mapping[str, str],
     flags: Mapping[str, str | None] | None = None,
     config: Path | None = None,
+    frontends: int | None = None,
 ) -> Deployment:
-    """Submit the bot as a Ray job.
+    """Submit the bot as a Ray job (with `frontends`: that many front-end actors).
 
     Raises:
         DeployError: the job API cannot be reached or refuses the request.
     """
-    command = entrypoint(working_dir, config)
+    command = entrypoint(working_dir, config, frontends)
     client = _client(address)
     job_id = f"raycord-{uuid.uuid4().hex[:12]}"
     try:
@@ -263,7 +265,12 @@ async def teardown(namespace: str, timeout: float = 30.0) -> list[str]:
     names = sorted(
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace
     )
-    handles = [ray.get_actor(name, namespace=namespace) for name in names]
+    handles = []
+    for name in names:
+        try:
+            handles.append(ray.get_actor(name, namespace=namespace))
+        except ValueError:  # gone since it was listed: a front-end goes with the job that owned it
+            continue
     for step in ("flush", "close"):
         try:
             await asyncio.wait_for(asyncio.gather(*(getattr(h, step).remote() for h in handles)), timeout)

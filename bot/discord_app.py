@@ -519,14 +519,22 @@ class RaycordClient(commands.Bot):
 class RaycordBot(RaycordClient, commands.AutoShardedBot):
     """The front-end `raycord run` starts: `RaycordClient` over the configured gateway shards
     (`discord.shard_count`, `discord.shard_ids`; Discord's recommendation when unset), which
-    registers its command tree at start when it changed since the last sync."""
+    registers its command tree at start when it changed since the last sync (unless
+    `sync_at_start` is False: front-end actors leave the sync to their driver)."""
+
+    def __init__(
+        self, settings: Settings, pipeline: ChatPipeline | None, *, sync_at_start: bool = True, **options: Any
+    ) -> None:
+        super().__init__(settings, pipeline, **options)
+        self.sync_at_start = sync_at_start
 
     async def setup_hook(self) -> None:
         await super().setup_hook()
         # after login (the application id is known), before the gateway connects
         if self.settings.discord.api_base_url != DISCORD_API_BASE:
             await self._use_base_gateway()
-        await self.sync_commands()
+        if self.sync_at_start:
+            await self.sync_commands()
 
     async def _use_base_gateway(self) -> None:
         """With a fixed shard count, and when a reconnect fails, discord.py connects to
@@ -788,13 +796,15 @@ async def run_discord(
     pipeline: ChatPipeline,
     stop: asyncio.Event,
     on_ready: Callable[[str, int], None] | None = None,
+    bot: RaycordBot | None = None,
 ) -> None:
-    """Run the Discord client until `stop` is set or the connection closes for good;
-    `on_ready(bot name, servers)` is told once the bot has logged in."""
+    """Run the Discord client (`bot`, or a new `RaycordBot` over `pipeline`) until `stop` is
+    set or the connection closes for good; `on_ready(bot name, servers)` is told once the bot
+    has logged in."""
     if settings.discord_token is None:
         raise ValueError("DISCORD_TOKEN is not set")
     use_api_base(settings.discord.api_base_url)
-    bot = RaycordBot(settings, pipeline)
+    bot = bot or RaycordBot(settings, pipeline)
     if on_ready is not None:
         announce, told = on_ready, False
 

@@ -296,10 +296,17 @@ def state_location(settings: Settings, spec: ServiceSpec) -> Path | PgTarget:
     return state_dir
 
 
-def service_handles(settings: Settings, spec: ServiceSpec) -> list[Any]:
-    """Get or create the replicas of one service, by name, in the configured namespace."""
+def service_handles(settings: Settings, spec: ServiceSpec, *, create: bool = True) -> list[Any]:
+    """Get or create the replicas of one service, by name, in the configured namespace;
+    with `create=False` only get them (ValueError when one is not running)."""
     config = spec.config_of(settings) if spec.config_of else getattr(settings, spec.config_attr)
     shards = getattr(config, "shards", 1) if spec.shardable else 1
+    if not create:
+        # a front-end actor attaches to the services its driver started, from any node: it
+        # creates neither them nor a state directory on its own node's disk
+        return [
+            ray.get_actor(f"{spec.name}-{shard}", namespace=settings.namespace) for shard in range(shards)
+        ]
     state = state_location(settings, spec)
     remote_cls: Any = ray.remote(spec.cls)
     options = placement(settings, spec)
@@ -342,9 +349,11 @@ def make_llm(settings: Settings, handles: list[Any]) -> GatewayClient:
 class Runtime:
     """Owns the Ray connection, the service clients and the pipeline of one front-end."""
 
-    def __init__(self, settings: Settings, llm: LLM | None = None) -> None:
+    def __init__(self, settings: Settings, llm: LLM | None = None, *, create_services: bool = True) -> None:
         self.settings = settings
         self._llm = llm
+        #: False in a front-end actor: the services are its driver's, found by name
+        self._create_services = create_services
         self.owns_ray = False
         self.clients: dict[str, ShardedClient] = {}
         self.handles: dict[str, list[Any]] = {}
@@ -366,7 +375,7 @@ class Runtime:
         for spec in SERVICES:
             if spec.client is GatewayClient and self._llm is not None:
                 continue  # the caller brought its own LLM
-            handles = service_handles(self.settings, spec)
+            handles = service_handles(self.settings, spec, create=self._create_services)
             self.handles[spec.name] = handles
             if spec.client is GatewayClient:
                 self.clients[spec.name] = make_llm(self.settings, handles)

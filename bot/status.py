@@ -1,8 +1,9 @@
 """`raycord status`: a live terminal dashboard of the running services, with alerts.
 
 Attaches to the named service actors (it never creates one), asks each replica for its
-`health()` and `stats()`, reads p95 latency and the error rate of the recent messages
-from the analytics events in DuckDB, and renders them with rich.
+`health()` and `stats()` and each Discord front-end actor (`--frontends N`) for its
+`status()`, reads p95 latency and the error rate of the recent messages from the analytics
+events in DuckDB, and renders them with rich.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.text import Text
 from actors.base import ServiceHealth
 from bot.attach import NoBotFound, attach
 from bot.config import Settings
+from bot.frontend import FrontendStatus, frontend_statuses
 
 #: the services whose replicas `bot.runtime` names `<service>-<shard>`
 SERVICE_NAMES = ("cache", "context", "ratelimit", "analytics", "llm")
@@ -97,6 +99,8 @@ class Snapshot:
     spill_bytes: int
     taken_at: float
     alerts: list[str] = field(default_factory=list)
+    #: the Discord front-end actors (`raycord run --frontends N`), by name: status or error
+    frontends: dict[str, FrontendStatus | str] = field(default_factory=dict)
 
     def of(self, service: str) -> list[ReplicaStatus]:
         return [r for r in self.replicas if r.service == service]
@@ -168,6 +172,15 @@ def alerts(snapshot: Snapshot, settings: Settings) -> list[str]:
     """The thresholds of `settings.status` that the snapshot crosses, as messages."""
     limits = settings.status
     found = [f"{r.service}-{r.shard} is down: {r.error}" for r in snapshot.replicas if not r.up]
+    for name, front in snapshot.frontends.items():
+        if isinstance(front, str):
+            found.append(f"{name} is down: {front}")
+            continue
+        closed = [s.shard_id for s in front.shards if not s.connected]
+        if front.error is not None:
+            found.append(f"{name} stopped serving: {front.error}")
+        elif closed:
+            found.append(f"{name} has shard(s) {', '.join(map(str, closed))} disconnected")
     for r in snapshot.replicas:
         if r.health is not None and r.health.rss_bytes > limits.memory_mb_alert * 2**20:
             found.append(
@@ -187,7 +200,7 @@ def alerts(snapshot: Snapshot, settings: Settings) -> list[str]:
 async def collect(settings: Settings, clock: Any = time.time) -> Snapshot:
     """One snapshot of every replica of every service, the recent traffic and the alerts."""
     now = clock()
-    replicas, traffic = await asyncio.gather(
+    replicas, traffic, frontends = await asyncio.gather(
         asyncio.gather(
             *(
                 _replica(settings, service, shard)
@@ -196,13 +209,14 @@ async def collect(settings: Settings, clock: Any = time.time) -> Snapshot:
             )
         ),
         _traffic(settings, now),
+        frontend_statuses(settings),
     )
     here = ray.get_runtime_context().get_node_id()
     for r in replicas:
         if r.health is not None and r.health.node_id in (here, None):
             r.memory = process_memory(r.health.pid)
     files, size = _spill(settings)
-    snapshot = Snapshot(list(replicas), traffic, files, size, now)
+    snapshot = Snapshot(list(replicas), traffic, files, size, now, frontends=frontends)
     snapshot.alerts = alerts(snapshot, settings)
     return snapshot
 
@@ -303,6 +317,10 @@ def render(snapshot: Snapshot, settings: Settings) -> Group:
             ),
         )
 
+    parts: list[Any] = [services]
+    if snapshot.frontends:
+        parts.append(frontends_table(snapshot.frontends))
+    parts.append(figures)
     taken = datetime.fromtimestamp(snapshot.taken_at, UTC).strftime("%H:%M:%S UTC")
     if snapshot.alerts:
         banner = Panel(
@@ -312,7 +330,35 @@ def render(snapshot: Snapshot, settings: Settings) -> Group:
         )
     else:
         banner = Panel(Text("all services healthy", style="green"), title=f"raycord status · {taken}")
-    return Group(banner, services, figures)
+    return Group(banner, *parts)
+
+
+def _latency(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms:,.1f} ms"
+
+
+def frontends_table(frontends: dict[str, FrontendStatus | str]) -> Table:
+    """One row per front-end actor: where it runs, its shards with their gateway latency."""
+    table = Table(title="Discord front-ends", expand=True)
+    for column in ("front-end", "node", "shards", "connected", "gateway latency", "restarts", "up for"):
+        table.add_column(column, justify="right" if column in ("restarts", "up for") else "left")
+    for name, front in frontends.items():
+        if isinstance(front, str):
+            table.add_row(name, Text(f"DOWN {front}"), "", "", "", "", "", style="bold red")
+            continue
+        connected = sum(s.connected for s in front.shards)
+        healthy = front.error is None and connected == len(front.shards)
+        table.add_row(
+            name,
+            f"{front.node_ip} {front.node_id[:8]}",
+            f"{', '.join(str(s.shard_id) for s in front.shards)} of {front.shard_count}",
+            f"{connected}/{len(front.shards)}" + ("" if front.ready else " (starting)"),
+            " · ".join(f"{s.shard_id}: {_latency(s.latency_ms)}" for s in front.shards),
+            "?" if front.restarts is None else str(front.restarts),
+            f"{front.uptime_seconds:,.0f} s",
+            style=None if healthy else "bold red",
+        )
+    return table
 
 
 def no_services(snapshot: Snapshot, settings: Settings) -> NoBotFound | None:

@@ -93,6 +93,7 @@ class BotProcess:
         address: str | None = None,
         namespace: str = "raycord",
         log_name: str = "bot",
+        args: tuple[str, ...] = (),
     ) -> None:
         self.stand_in = stand_in
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ class BotProcess:
         ]
         if address is not None:
             argv += ["--address", address]
+        argv += args
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv,
@@ -198,6 +200,11 @@ def kill_services(namespace: str) -> None:
         except ValueError:
             continue
         ray.kill(handle, no_restart=True)
+
+
+def connected_shards(stand_in: StandIn) -> set[int]:
+    """The shards with a live gateway session on the stand-in."""
+    return {s["shard"][0] for s in stand_in.state()["sessions"] if s["connected"]}
 
 
 def reply_to(stand_in: StandIn, channel: str, user: str, content: str, **extra: Any) -> dict[str, Any]:

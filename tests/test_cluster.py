@@ -28,7 +28,7 @@ import pytest
 
 from bot.deploy import ENTRYPOINT
 from tests.cluster_scenario import ROOT, Cluster, raycord, wait_for
-from tests.discord_harness import TOKEN, StandIn, reply_to
+from tests.discord_harness import TOKEN, StandIn, connected_shards, reply_to
 
 pytestmark = pytest.mark.cluster
 
@@ -36,6 +36,9 @@ pytestmark = pytest.mark.cluster
 BUDGET = 3
 NAMESPACE = "raycord"
 STATEFUL = {"context-0", "ratelimit-0", "analytics-0"}
+#: the bot's gateway shards, shared by as many front-end actors (one shard each)
+SHARDS = 2
+FRONTENDS = {"frontend-0": [0], "frontend-1": [1]}
 DENIED = "faster than I can take them"
 ANSWERED = "offline mode"
 
@@ -71,12 +74,19 @@ def deploy_env(cluster: Cluster, stand_in: StandIn) -> dict[str, str]:
         **limits,
         "DISCORD_TOKEN": TOKEN,
         "RAYCORD_DISCORD__API_BASE_URL": stand_in.url,
+        "RAYCORD_DISCORD__SHARD_COUNT": str(SHARDS),
         "RAYCORD_LLM__BACKEND": "offline",
         "RAYCORD_DASHBOARD": "false",
         "RAYCORD_CACHE__SHARDS": "2",
         "RAYCORD_LLM__REPLICAS": "2",
         "RAYCORD_ANALYTICS__FLUSH_SECONDS": "0.2",
     }
+
+
+def live_identifies(stand_in: StandIn) -> list[list[int]]:
+    """Every IDENTIFY the stand-in received, in order: [shard id, shard count]."""
+    identifies: list[list[int]] = stand_in.state()["identifies"]
+    return identifies
 
 
 def stored_turns(state_dir: Path) -> list[str]:
@@ -94,7 +104,8 @@ def outcome() -> Iterator[dict[str, Any]]:
     # short paths: Ray's unix sockets live under the temp dir
     root = Path(tempfile.mkdtemp(prefix="rcl-", dir="/tmp"))
     state_dir = root / "state"
-    stand_in = StandIn(guilds=1)
+    # one guild per shard (guild i is on shard i)
+    stand_in = StandIn(guilds=SHARDS)
     cluster: Cluster | None = None
     out: dict[str, Any] = {"phases": {}}
     started = time.monotonic()
@@ -113,13 +124,16 @@ def outcome() -> Iterator[dict[str, Any]]:
             ["deploy", "--address", cluster.dashboard_url, "--state-dir", str(state_dir)], wrong
         )
         out["wrong_token"] = {"rc": refused.returncode, "stderr": refused.stderr[-2000:]}
-        deployed = raycord(["deploy", "--address", cluster.dashboard_url, "--state-dir", str(state_dir)], env)
+        deployed = raycord(
+            ["deploy", "--address", cluster.dashboard_url, "--state-dir", str(state_dir), "--frontends", "2"],
+            env,
+        )
         out["deploy"] = {"rc": deployed.returncode, "stdout": deployed.stdout, "stderr": deployed.stderr}
         assert deployed.returncode == 0, deployed.stderr
         out["job_id"] = deployed.stdout.split("submitted job ", 1)[1].split()[0]
         wait_for(
-            "the deployed bot to connect",
-            lambda: any(s["connected"] for s in stand_in.state()["sessions"]),
+            "the deployed front-ends to connect every shard",
+            lambda: connected_shards(stand_in) == set(range(SHARDS)),
             timeout=120,
         )
         mark("bot connected")
@@ -134,6 +148,7 @@ def outcome() -> Iterator[dict[str, Any]]:
         out["actors_before"] = {a["name"]: a["node_id"] for a in cluster.alive_actors(NAMESPACE)}
 
         mark("traffic before")
+        identified = len(stand_in.state()["identifies"])
         worker = cluster.workers[0]
         worker.kill()
         wait_for("the worker's death", lambda: len(live.alive_nodes()) == 1)
@@ -144,7 +159,24 @@ def outcome() -> Iterator[dict[str, Any]]:
             timeout=90,
         )
         mark("services back")
+        # the worker's front-end identifies its shards again from the head
+        wait_for(
+            "every shard connected again",
+            lambda: (
+                len(live_identifies(stand_in)) > identified
+                and connected_shards(stand_in) == set(range(SHARDS))
+            ),
+            timeout=90,
+        )
+        out["identified_after_kill"] = live_identifies(stand_in)[identified:]
+        mark("shards back")
         out["actors_after"] = {a["name"]: a["node_id"] for a in cluster.alive_actors(NAMESPACE)}
+        roamer = str(stand_in.call("users", {"name": "roamer"})["id"])
+        out["each_shard_after"] = {
+            str(shard): ask(stand_in, str(g["channels"][0]["id"]), roamer, f"roaming on shard {shard}")
+            for g in stand_in.state()["guilds"]
+            for shard in [(int(g["id"]) >> 22) % SHARDS]
+        }
         out["heavy_after"] = ask(stand_in, channel, heavy, "still over budget?", DENIED)
         # the talker's last message of its budget, and a newcomer's first ones
         out["talker_after"] = [ask(stand_in, channel, talker, "talker after the node")]
@@ -154,7 +186,8 @@ def outcome() -> Iterator[dict[str, Any]]:
         said += ["talker after the node", *more]
         mark("traffic after")
 
-        status_env = {**env, "RAYCORD_CACHE__SHARDS": "2"}
+        # wide enough that rich puts each front-end on one line
+        status_env = {**env, "RAYCORD_CACHE__SHARDS": "2", "COLUMNS": "220"}
         status = raycord(["status", "--address", cluster.gcs_address, "--once"], status_env)
         out["status"] = {"rc": status.returncode, "stdout": status.stdout, "stderr": status.stderr[-2000:]}
 
@@ -237,6 +270,20 @@ def test_state_is_pinned_to_the_head_and_stateless_replicas_spread(outcome: dict
     assert {n for name, n in before.items() if name not in STATEFUL} & workers
 
 
+def test_the_frontends_spread_over_the_nodes_and_the_workers_comes_back_with_its_shards(
+    outcome: dict[str, Any],
+) -> None:
+    before, after = outcome["actors_before"], outcome["actors_after"]
+    workers = set(outcome["worker_ids"])
+    on_worker = [name for name in FRONTENDS if before[name] in workers]
+    assert len(on_worker) == 1, before
+    # the worker's front-end, and only it, identified its shards again (from the head)
+    assert outcome["identified_after_kill"] == [[shard, SHARDS] for shard in FRONTENDS[on_worker[0]]]
+    assert set(FRONTENDS) <= set(after) and not {after[name] for name in FRONTENDS} & workers
+    for shard, answer in outcome["each_shard_after"].items():
+        assert f"roaming on shard {shard}" in answer
+
+
 def test_the_workers_replicas_come_back_on_the_head(outcome: dict[str, Any]) -> None:
     after = outcome["actors_after"]
     assert set(after) >= set(outcome["actors_before"])
@@ -272,6 +319,12 @@ def test_status_on_the_cluster_shows_the_services(outcome: dict[str, Any]) -> No
     assert status["rc"] == 0, status
     for name in ("cache-0", "cache-1", "context-0", "ratelimit-0", "analytics-0"):
         assert name in status["stdout"]
+    rows = {line.split()[1]: line for line in status["stdout"].splitlines() if "frontend-" in line}
+    assert set(rows) >= set(FRONTENDS), status["stdout"]
+    for name, shards in FRONTENDS.items():
+        # its shards, all connected, each with a gateway latency
+        assert f"{shards[0]} of {SHARDS}" in rows[name] and "1/1" in rows[name] and " ms" in rows[name], rows
+    assert "has shard" not in status["stdout"] and "frontend-0 is down" not in status["stdout"]
 
 
 def test_deploy_stop_drains_and_leaves_no_actor(outcome: dict[str, Any]) -> None:

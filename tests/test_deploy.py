@@ -190,7 +190,10 @@ def test_the_readme_cluster_section_runs_what_the_cluster_test_runs() -> None:
     section = readme[readme.index("## Running on a Ray cluster") : readme.index("## Monitoring")]
     test = (ROOT / "tests" / "test_cluster.py").read_text()
     for command, argv in (
-        ("raycord deploy --address http://HEAD:8265 --state-dir /var/lib/raycord", '["deploy", "--address"'),
+        (
+            "raycord deploy --address http://HEAD:8265 --state-dir /var/lib/raycord --frontends 2",
+            '"--state-dir", str(state_dir), "--frontends", "2"]',
+        ),
         (
             "raycord status --address HEAD:6379 --once",
             '["status", "--address", cluster.gcs_address, "--once"]',
