@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bot.config import Settings
 from bot.discord_app import RaycordBot, RaycordClient, run_discord, use_api_base
-from bot.runtime import Runtime, cluster_mode
+from bot.runtime import PLACEMENT_MEMORY, Runtime, cluster_mode
 
 __all__ = [
     "FRONTEND_PREFIX",
@@ -47,8 +47,6 @@ FRONTEND_PREFIX = "frontend"
 STOP_TIMEOUT = 20.0
 #: seconds one front-end has to answer `status()`
 STATUS_TIMEOUT = 5.0
-#: bytes of Ray's `memory` resource a front-end reserves, so that its placement is honoured
-PLACEMENT_MEMORY = 2**20
 
 
 class FrontendError(Exception):
@@ -73,8 +71,8 @@ class FrontendStatus(BaseModel):
     shards: list[ShardStatus]
     #: logged in, every shard READY (discord.py's on_ready)
     ready: bool
-    #: times Ray restarted this actor; None when the GCS did not say
-    restarts: int | None
+    #: whether Ray restarted this actor after a death (its constructor replayed)
+    restarted: bool
     uptime_seconds: float
     #: why the front-end stopped serving, when it did
     error: str | None = None
@@ -254,25 +252,10 @@ class DiscordFrontend:
             shard_count=self.shard_count,
             shards=shards,
             ready=self._ready.is_set(),
-            restarts=_restarts(context.get_actor_id()),
+            restarted=context.was_current_actor_reconstructed,
             uptime_seconds=time.monotonic() - self._started,
             error=self._error,
         )
-
-
-def _restarts(actor_id: str | None) -> int | None:
-    """How many times Ray restarted the actor, from the GCS's actor table. `ray.util.state`
-    says the same through the dashboard, which a Ray may run without; this table is what it
-    reads, reached here through Ray's debugging accessor."""
-    if actor_id is None:
-        return None
-    try:
-        from ray._private.state import actors
-
-        return int(actors(actor_id)["NumRestarts"])
-    except Exception:  # a figure for display: missing, not fatal
-        log.debug("no restart count for actor %s", actor_id, exc_info=True)
-        return None
 
 
 def _live_nodes() -> dict[str, str]:
@@ -301,10 +284,8 @@ def _start(settings: Settings, index: int, shard_ids: list[int], nodes: list[str
             num_cpus=0,
             # Stateless: spread, so a node's death takes down as few front-ends as possible:
             # each asks for a node of its own, round-robin; soft, so a restart after that
-            # node's death lands on a live one. An actor that asks for no resources at all is
-            # sent to a random node's raylet, which heeds neither this affinity nor "SPREAD"
-            # (Ray 2.60: the cluster test saw every such actor on one node); a token `memory`
-            # request routes it through its owner's raylet, which heeds both.
+            # node's death lands on a live one; a token `memory` request, or Ray would place
+            # this zero-resource actor at random (`PLACEMENT_MEMORY`).
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True),
             memory=PLACEMENT_MEMORY,
             max_restarts=-1,

@@ -161,6 +161,12 @@ def cluster_mode(settings: Settings) -> bool:
     return settings.ray_address is not None
 
 
+#: bytes of Ray's `memory` resource a spread actor reserves. Ray places an actor that asks for
+#: no resources at all on a random node and heeds no scheduling strategy for it (its
+#: scheduling docs say so; the cluster test saw every such replica on one node): a token
+#: request makes "SPREAD" and node affinity apply
+PLACEMENT_MEMORY = 2**20
+
 #: the share of `state_resource` a pinned actor asks for: any node holding the resource
 #: takes every pinned actor (Ray pins its own head-node actors the same way)
 PIN_AMOUNT = 0.001
@@ -183,7 +189,7 @@ def placement(settings: Settings, spec: ServiceSpec) -> dict[str, Any]:
         return {}
     if keeps_local_state(settings, spec):
         return {"lifetime": "detached", "resources": {settings.state_resource: PIN_AMOUNT}}
-    return {"lifetime": "detached", "scheduling_strategy": "SPREAD"}
+    return {"lifetime": "detached", "scheduling_strategy": "SPREAD", "memory": PLACEMENT_MEMORY}
 
 
 #: filesystem types (`/proc/self/mountinfo`) whose locking SQLite's WAL cannot use

@@ -340,8 +340,8 @@ def _latency(ms: float | None) -> str:
 def frontends_table(frontends: dict[str, FrontendStatus | str]) -> Table:
     """One row per front-end actor: where it runs, its shards with their gateway latency."""
     table = Table(title="Discord front-ends", expand=True)
-    for column in ("front-end", "node", "shards", "connected", "gateway latency", "restarts", "up for"):
-        table.add_column(column, justify="right" if column in ("restarts", "up for") else "left")
+    for column in ("front-end", "node", "shards", "connected", "gateway latency", "restarted", "up for"):
+        table.add_column(column, justify="right" if column in ("restarted", "up for") else "left")
     for name, front in frontends.items():
         if isinstance(front, str):
             table.add_row(name, Text(f"DOWN {front}"), "", "", "", "", "", style="bold red")
@@ -354,7 +354,7 @@ def frontends_table(frontends: dict[str, FrontendStatus | str]) -> Table:
             f"{', '.join(str(s.shard_id) for s in front.shards)} of {front.shard_count}",
             f"{connected}/{len(front.shards)}" + ("" if front.ready else " (starting)"),
             " · ".join(f"{s.shard_id}: {_latency(s.latency_ms)}" for s in front.shards),
-            "?" if front.restarts is None else str(front.restarts),
+            "yes" if front.restarted else "no",
             f"{front.uptime_seconds:,.0f} s",
             style=None if healthy else "bold red",
         )

@@ -268,6 +268,9 @@ def test_state_is_pinned_to_the_head_and_stateless_replicas_spread(outcome: dict
     assert not {before[name] for name in STATEFUL} & workers
     # the worker ran something, so its death was felt
     assert {n for name, n in before.items() if name not in STATEFUL} & workers
+    # each stateless service's two replicas are on different nodes
+    for service in ("cache", "llm"):
+        assert before[f"{service}-0"] != before[f"{service}-1"], before
 
 
 def test_the_frontends_spread_over_the_nodes_and_the_workers_comes_back_with_its_shards(

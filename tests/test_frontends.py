@@ -239,7 +239,7 @@ def test_a_killed_frontend_comes_back_with_the_same_shards_and_answers(frontends
     found = statuses(frontends.settings)["frontend-1"]
     assert isinstance(found, FrontendStatus), found
     assert [s.shard_id for s in found.shards] == [2, 3]
-    assert found.restarts == 1
+    assert found.restarted
     user = stand_in.call("users", {"name": "grace"})["id"]
     answers = ask_every_shard(frontends, user, "after the restart")
     assert sorted(answers) == list(range(SHARDS))
