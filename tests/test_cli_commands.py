@@ -102,16 +102,18 @@ async def test_stats_is_the_pipeline_summary(runtime: Runtime, user: str) -> Non
     assert after.model == "offline-echo" and after.background_writes_pending == 0
     lines = await _chat(pipeline, user, "/stats\n")
     # the analytics queue may move between the two reads; the rest may not
-    assert lines[:3] == after.lines()[:3] and len(lines) == 4
+    assert lines[:3] == after.lines()[:3] and lines[4] == after.lines()[4] and len(lines) == 5
     assert lines[0] == "model: offline-echo"
     hits, lookups = after.cache_hits, after.cache_lookups
     assert (
         lines[1] == f"cache: {hits / lookups:.0%} hit rate ({hits}/{lookups}), {after.cache_entries} entries"
     )
-    assert lines[2:] == [
+    assert lines[2:4] == [
         "background writes pending: 0",
         f"analytics events pending: {after.analytics_pending}",
     ]
+    # the offline responder costs nothing
+    assert lines[4].startswith("LLM spend today (UTC, estimated): $")
 
 
 @pytest.mark.asyncio
