@@ -474,6 +474,10 @@ class LLMGateway(Service):
                         if text:
                             flight.push(text)
                             emitted = True
+            except asyncio.CancelledError:
+                # nobody reads on, but what Gemini generated until now is billed
+                self._account(request, model, chain[0], reply, (loop.time() - called_at) * 1000)
+                raise
             except Exception as exc:
                 failure = self._classify(exc, model)
                 if isinstance(failure, _TooLong):
@@ -496,6 +500,8 @@ class LLMGateway(Service):
                     raise failure from exc
                 if emitted or flight.chunks:
                     self.failures += 1
+                    # the part that came is billed
+                    self._account(request, model, chain[0], reply, (loop.time() - called_at) * 1000)
                     raise UpstreamUnavailable(f"the reply broke off: {failure.detail}") from exc
                 if failure.status in FALLBACK_STATUS:
                     self._cool(model, failure.server_delay, attempt)
@@ -518,12 +524,9 @@ class LLMGateway(Service):
             result = reply.result(OFFLINE_MODEL if offline else model, backend.name, offline)
             if model != chain[0]:
                 result.metadata["fallback_from"] = chain[0]
-            self._count_tokens(reply)
-            cost = self._cost(result.model, reply)
+            cost = self._account(request, result.model, chain[0], reply, (loop.time() - called_at) * 1000)
             if cost:
                 result.metadata["cost_usd"] = f"{cost:.8f}"
-            if not offline:
-                self._record_call(request, result, reply, cost, (loop.time() - called_at) * 1000)
             return result
 
     def _fit(self, request: LLMRequest) -> LLMRequest:
@@ -785,12 +788,25 @@ class LLMGateway(Service):
             self._m_cost.inc(cost, tags={"model": model})
         return cost
 
+    def _account(self, request: LLMRequest, model: str, asked: str, reply: Reply, latency_ms: float) -> float:
+        """Count one upstream call's tokens and estimated cost, and record it as an analytics
+        event (not the offline responder's, which costs nothing); returns the cost. A call
+        whose reply carried no usage (it failed before any came) was not billed."""
+        if not (reply.tokens_in or reply.tokens_out):
+            return 0.0
+        self._count_tokens(reply)
+        cost = self._cost(model, reply)
+        if self.config.backend != "offline":
+            self._record_call(request, model, asked, reply, cost, latency_ms)
+        return cost
+
     def _record_call(
-        self, request: LLMRequest, result: LLMResult, reply: Reply, cost: float, latency_ms: float
+        self, request: LLMRequest, model: str, asked: str, reply: Reply, cost: float, latency_ms: float
     ) -> None:
         """One analytics event for one upstream call Gemini answered, under the model that
-        answered and the user, server and channel whose request made it. Never blocks: the
-        analytics client buffers it and ships it with others."""
+        answered (`asked` is the one asked for, when a fallback answered) and the user, server
+        and channel whose request made it. Never blocks: the analytics client buffers it and
+        ships it with others."""
         event = AnalyticsEvent(
             type=LLM_CALL_EVENT,
             server_id=request.server,
@@ -800,15 +816,11 @@ class LLMGateway(Service):
             tokens_in=reply.tokens_in,
             tokens_out=reply.tokens_out,
             payload={
-                "model": result.model,
+                "model": model,
                 "cached": min(reply.cached, reply.tokens_in),
                 "thinking": reply.thoughts,
                 "cost_usd": cost,
-                **(
-                    {"fallback_from": result.metadata["fallback_from"]}
-                    if "fallback_from" in result.metadata
-                    else {}
-                ),
+                **({"fallback_from": asked} if asked != model else {}),
             },
         )
         if self._analytics is None and not self._find_sink:
