@@ -106,7 +106,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "context_bench": ("summary",),
     "ratelimit_bench": ("ratios", "targets"),
     "analytics_bench": ("ratios", "targets"),
-    "llm_bench": ("speedup_vs_sequential", "single_call_ceiling_ratio", "cpu_per_call_ms"),
+    "llm_bench": ("speedup_vs_sequential", "single_call_ceiling_ratio", "cpu_per_call_ms", "workload_cost"),
     "soak-full": ("rss_growth_second_half_mb",),
     "soak-tiny": ("rss_growth_second_half_mb",),
 }
