@@ -807,6 +807,8 @@ class LLMGateway(Service):
         answered (`asked` is the one asked for, when a fallback answered) and the user, server
         and channel whose request made it. Never blocks: the analytics client buffers it and
         ships it with others."""
+        if self._analytics is None and not self._find_sink:
+            return
         event = AnalyticsEvent(
             type=LLM_CALL_EVENT,
             server_id=request.server,
@@ -823,8 +825,6 @@ class LLMGateway(Service):
                 **({"fallback_from": asked} if asked != model else {}),
             },
         )
-        if self._analytics is None and not self._find_sink:
-            return
         self._unsent.append(event)
         self._ship_events()
 
