@@ -49,6 +49,11 @@ class ContextConfig(BaseModel):
     shards: int = Field(default=1, ge=1)
     max_turns: int = Field(default=20, ge=1)
     max_chars: int = Field(default=8_000, ge=100)
+    #: a window that outgrows `max_turns` or `max_chars` loses its oldest turns until it
+    #: holds at most this share of both: it then starts at the same turn for the next few
+    #: turns, so each request begins like the one before and Gemini's implicit cache serves
+    #: that prefix (1 drops only what is over, and the window's start moves every turn)
+    trim_to: float = Field(default=0.75, gt=0, le=1)
     built_cache_entries: int = Field(default=10_000, ge=1)
     #: conversations and graph edges idle longer than this are removed
     stale_after_seconds: float = Field(default=30 * DAY, gt=0)
@@ -327,9 +332,12 @@ class ContextStore(Service):
         conv.turns.extend(rows)
         conv.chars += sum(len(r[2]) for r in rows)
         dropped = 0
-        while len(conv.turns) > self.config.max_turns or conv.chars > self.config.max_chars:
-            conv.chars -= len(conv.turns.pop(0)[2])
-            dropped += 1
+        cfg = self.config
+        if len(conv.turns) > cfg.max_turns or conv.chars > cfg.max_chars:
+            keep_turns, keep_chars = max(1, int(cfg.max_turns * cfg.trim_to)), cfg.max_chars * cfg.trim_to
+            while len(conv.turns) > 1 and (len(conv.turns) > keep_turns or conv.chars > keep_chars):
+                conv.chars -= len(conv.turns.pop(0)[2])
+                dropped += 1
         conv.version += 1
         self._account(conv, +1)
         self._drop_built(key)

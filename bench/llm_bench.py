@@ -4,8 +4,9 @@ bound, coalescing of identical prompts, event-loop lag while streams run, and th
 (sequential awaits, a naive client per call without coalescing); then the gateway's own
 figures: three front-end processes sharing one gateway against each spending the quota on
 its own (429s and retries, the fake server enforcing the quota), light users' waits while one
-user floods (fair turns against first-in-first-out), and a streamed reply through the
-gateway actor against the SDK called in the front-end's own process.
+user floods (fair turns against first-in-first-out), a streamed reply through the
+gateway actor against the SDK called in the front-end's own process, and the tokens and
+estimated cost per 1,000 messages of the load test's workload, implicit caching counted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,13 +30,15 @@ import ray
 from google import genai
 from google.genai import types
 
+from actors.errors import RaycordError
 from bench import floors
 from bench.common import size_cli, summarize_ms, write_results
+from bench.loadtest import LoadConfig, Workload, load_settings
 from bot.config import LLMSettings, QuotaSettings, Settings
 from bot.llm import LLMRequest
 from bot.llm.base import GatewayBusy
 from bot.llm.gateway import GatewayClient, GatewayConfig, GeminiLLM, LLMGateway
-from bot.runtime import init_ray
+from bot.runtime import Runtime, init_ray
 
 MODEL = "gemini-2.5-flash"
 
@@ -54,6 +58,9 @@ SIZES: dict[str, dict[str, Any]] = {
         "flood": 20,
         "light_users": 4,
         "stream_replies": 4,
+        # five turns each: enough for a conversation's prefix to come back from the cache
+        "cost_messages": 40,
+        "cost_users": 8,
     },
     "full": {
         "latency": 0.3,
@@ -69,6 +76,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "flood": 200,
         "light_users": 20,
         "stream_replies": 50,
+        "cost_messages": 1_000,
+        "cost_users": 100,
     },
 }
 
@@ -481,6 +490,60 @@ async def stream_overhead(server: FakeServerProcess, replies: int) -> dict[str, 
     return out
 
 
+async def workload_cost(server: FakeServerProcess, messages: int, users: int) -> dict[str, Any]:
+    """Tokens and estimated cost per 1,000 messages of the load test's workload
+    (`bench.loadtest.Workload`: chat turns, /ask commands cacheable per server, images),
+    through a whole pipeline on Ray (rate limiter, context store, response cache, the
+    gateway actor) against the fake server, whose implicit cache serves a prompt's prefix
+    seen in the last minutes. `users` take turns, each message once the previous one's
+    writes are in, so each conversation grows as it would in a channel."""
+    await server.admin("reset", {})
+    with tempfile.TemporaryDirectory(prefix="llm-bench-cost-") as state:
+        settings = load_settings(Path(state))
+        settings = settings.model_copy(update={"llm": LLMSettings(base_url=server.url, model=MODEL)})
+        runtime = Runtime(settings)
+        pipeline = await runtime.start()
+        workload = Workload(LoadConfig())
+        failed = replied_from_cache = 0
+        try:
+            for i in range(messages):
+                try:
+                    reply = await pipeline.handle(workload.message(i % users, "cost"))
+                    replied_from_cache += reply.cached
+                except RaycordError:
+                    failed += 1
+                await pipeline.writes.drain(30)
+            stats = await runtime.client("llm", GatewayClient).stats()
+        finally:
+            await runtime.shutdown(kill_actors=True)
+    price = settings.llm.prices[MODEL]
+    prompt = sum(s.tokens_in for s in stats)
+    cached = sum(s.cached_tokens for s in stats)
+    output = sum(s.tokens_out for s in stats)
+    thinking = sum(s.thinking_tokens for s in stats)
+    cost = sum(sum(s.cost_usd.values()) for s in stats)
+    per = 1_000 / messages
+    return {
+        "messages": messages,
+        "users": users,
+        "model": MODEL,
+        "failed": failed,
+        "replied_from_response_cache": replied_from_cache,
+        "per_1000_messages": {
+            "upstream_calls": sum(s.upstream_calls for s in stats) * per,
+            "prompt_tokens": prompt * per,
+            "cached_prompt_tokens": cached * per,
+            "output_tokens": output * per,
+            "thinking_tokens": thinking * per,
+            "cost_usd": cost * per,
+            # the same calls had no prompt come from the cache
+            "cost_usd_without_implicit_caching": (cost + cached * (price.input - price.cached_input) / 1e6)
+            * per,
+        },
+        "cached_prompt_share": cached / prompt if prompt else 0.0,
+    }
+
+
 async def _gateway_reply(client: GatewayClient, prompt: str) -> int:
     """Stream one reply through the gateway; returns its Ray round trips (pieces and result)."""
     pieces = 0
@@ -512,6 +575,7 @@ async def _run(size: str) -> dict[str, Any]:
         try:
             quota = await shared_quota(server, p["frontends"], p["users_per_frontend"], p["quota_per_minute"])
             streamed = await stream_overhead(server, p["stream_replies"])
+            cost = await workload_cost(server, p["cost_messages"], p["cost_users"])
         finally:
             if started_ray:
                 ray.shutdown()
@@ -550,6 +614,7 @@ async def _run(size: str) -> dict[str, Any]:
         "shared_quota": quota,
         "fairness": fair,
         "stream_overhead": streamed,
+        "workload_cost": cost,
     }
 
 

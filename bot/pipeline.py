@@ -36,6 +36,7 @@ from actors.schemas import AnalyticsEvent, ChatReply, IncomingMessage, Turn, Win
 from bot.attachments import AttachmentPolicy, Fetch, Prepared, prepare
 from bot.config import Settings
 from bot.llm.base import LLM, LLMRequest, LLMResult
+from storage.analytics_db import SPEND_TODAY
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class PipelineSummary:
     cache_entries: int
     background_writes_pending: int
     analytics_pending: int
+    #: the whole bot's estimated LLM spend this UTC day (every front-end's), and its calls
+    spent_today_usd: float = 0.0
+    calls_today: int = 0
 
     @property
     def cache_hit_rate(self) -> float | None:
@@ -139,6 +143,7 @@ class PipelineSummary:
             f"cache: {rate} hit rate ({self.cache_hits}/{self.cache_lookups}), {self.cache_entries} entries",
             f"background writes pending: {self.background_writes_pending}",
             f"analytics events pending: {self.analytics_pending}",
+            f"LLM spend today (UTC, estimated): ${self.spent_today_usd:.4f} over {self.calls_today} calls",
         ]
 
 
@@ -336,14 +341,16 @@ class ChatPipeline:
         request = LLMRequest(
             prompt=prompt,
             model=model,
-            system_prompt="\n\n".join(
-                filter(None, (settings.pipeline.system_prompt, built.persona, built.social))
-            ),
+            # what stays put through a conversation comes first, so Gemini's implicit cache
+            # serves it; the social line, which moves with the server's talk, comes last
+            system_prompt="\n\n".join(filter(None, (settings.pipeline.system_prompt, built.persona))),
             history=built.turns,
+            note=built.social,
             images=files.parts,
             key=key,
             user=msg.user_id,
             server=msg.server_id,
+            channel=msg.channel_id,
             conversation="" if msg.stateless else f"{msg.scope}\x1f{msg.user_id}",
         )
         llm_started = self.clock()
@@ -429,11 +436,17 @@ class ChatPipeline:
         return await self.limiter.usage(user, server)
 
     async def summary(self, server: str | None = None) -> PipelineSummary:
-        """The model (`server`'s, when given), the cache's hit rate and entries, and the
-        writes still pending."""
-        cache, analytics, model = await asyncio.gather(
-            self.cache.stats(), self.analytics.stats(), self.server_model(server)
+        """The model (`server`'s, when given), the cache's hit rate and entries, the writes
+        still pending, and today's LLM spend from the analytics sink (the calls of every
+        front-end, as the gateways recorded them; the last fraction of a second's may be on
+        their way)."""
+        cache, analytics, model, spend = await asyncio.gather(
+            self.cache.stats(),
+            self.analytics.stats(),
+            self.server_model(server),
+            self.analytics.query(SPEND_TODAY),
         )
+        ((spent, calls),) = spend.rows
         hits = sum(s.hits for s in cache)
         return PipelineSummary(
             model=model,
@@ -442,6 +455,8 @@ class ChatPipeline:
             cache_entries=sum(s.entries for s in cache),
             background_writes_pending=self.writes.pending,
             analytics_pending=sum(s.pending for s in analytics),
+            spent_today_usd=float(spent),
+            calls_today=int(calls),
         )
 
     def _key(self, msg: IncomingMessage, scope_id: str, built: BuiltContext) -> str:

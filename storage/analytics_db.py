@@ -93,6 +93,17 @@ _RECORD_BATCHES = (
 )
 
 _REPLY_TYPES = "type IN ('message', 'command')"
+#: the event of one upstream LLM call (the gateway's), with its model, token kinds and cost
+LLM_CALL = "type = 'llm_call'"
+#: an llm_call event's estimated cost, weighted by its sampling
+_COST = "weight * coalesce((payload->>'cost_usd')::DOUBLE, 0)"
+#: days are UTC days, whatever the database's time zone
+_UTC_DAY = "timezone('UTC', time)::DATE"
+#: the whole bot's estimated LLM spend so far this UTC day (what /stats shows)
+SPEND_TODAY = f"""
+SELECT coalesce(sum({_COST}), 0) AS cost_usd, coalesce(sum(weight), 0)::BIGINT AS calls
+FROM events WHERE {LLM_CALL} AND {_UTC_DAY} = timezone('UTC', now())::DATE
+"""
 #: built-in operator reports; each is one SELECT, so it goes through `check_read_only` too
 REPORTS: dict[str, str] = {
     "daily": f"""
@@ -104,14 +115,14 @@ SELECT time::DATE AS day,
        round(quantile_cont(latency_ms, 0.5) FILTER (WHERE {_REPLY_TYPES}), 1) AS p50_ms,
        round(quantile_cont(latency_ms, 0.95) FILTER (WHERE {_REPLY_TYPES}), 1) AS p95_ms,
        coalesce(sum(weight) FILTER (WHERE type = 'error'), 0) AS errors,
-       sum(weight * tokens_in)::BIGINT AS tokens_in,
-       sum(weight * tokens_out)::BIGINT AS tokens_out
+       coalesce(sum(weight * tokens_in) FILTER (WHERE {_REPLY_TYPES}), 0)::BIGINT AS tokens_in,
+       coalesce(sum(weight * tokens_out) FILTER (WHERE {_REPLY_TYPES}), 0)::BIGINT AS tokens_out
 FROM events GROUP BY day ORDER BY day DESC
 """,
     "top-users": f"""
 SELECT user_id,
        sum(weight) FILTER (WHERE {_REPLY_TYPES}) AS messages,
-       sum(weight * (tokens_in + tokens_out))::BIGINT AS tokens,
+       coalesce(sum(weight * (tokens_in + tokens_out)) FILTER (WHERE {_REPLY_TYPES}), 0)::BIGINT AS tokens,
        coalesce(sum(weight) FILTER (WHERE type = 'rate_limited'), 0) AS rate_limited,
        max(time) AS last_seen
 FROM events WHERE user_id IS NOT NULL
@@ -126,6 +137,20 @@ SELECT minute, nullif(server_id, '') AS server_id,
        coalesce(sum(count) FILTER (WHERE name = 'rate_limited'), 0) AS rate_limited
 FROM aggregates WHERE minute >= now() - INTERVAL 1 HOUR
 GROUP BY ALL ORDER BY minute DESC, messages DESC
+""",
+    # what the LLM cost, from the gateway's event per upstream call (coalesced requests
+    # made none; a fallback's call is under the model that answered), by UTC day, server,
+    # user and model, the day's most expensive first
+    "cost": f"""
+SELECT {_UTC_DAY} AS day, server_id, user_id, payload->>'model' AS model,
+       sum(weight)::BIGINT AS calls,
+       sum(weight * tokens_in)::BIGINT AS prompt_tokens,
+       sum(weight * coalesce((payload->>'cached')::BIGINT, 0))::BIGINT AS cached_tokens,
+       sum(weight * tokens_out)::BIGINT AS output_tokens,
+       sum(weight * coalesce((payload->>'thinking')::BIGINT, 0))::BIGINT AS thinking_tokens,
+       round(sum({_COST}), 6) AS cost_usd
+FROM events WHERE {LLM_CALL}
+GROUP BY ALL ORDER BY day DESC, cost_usd DESC, server_id NULLS LAST, user_id NULLS LAST, model
 """,
 }
 

@@ -39,3 +39,10 @@ def test_the_llm_benchmark_runs_tiny(tmp_path: Path) -> None:
     streamed = results["stream_overhead"]
     assert streamed["gateway"]["round_trips_per_reply"] >= 2
     assert streamed["sdk_in_process"]["reply"]["n"] == 4
+    cost = results["workload_cost"]
+    per = cost["per_1000_messages"]
+    assert cost["messages"] == 40 and cost["failed"] == 0
+    assert 0 < per["upstream_calls"] <= 1_000 and per["prompt_tokens"] > 0 and per["output_tokens"] > 0
+    # a conversation's later turns find their prefix in the implicit cache, which costs less
+    assert 0 < per["cached_prompt_tokens"] < per["prompt_tokens"]
+    assert 0 < per["cost_usd"] < per["cost_usd_without_implicit_caching"]

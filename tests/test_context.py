@@ -44,7 +44,7 @@ def disk_texts(store: ContextStore) -> list[str]:
 async def test_window_keeps_at_most_max_turns_and_max_chars_dropping_the_oldest(
     make_store: MakeStore, clock: FakeClock, tmp_path: Path
 ) -> None:
-    store = make_store(max_turns=3, max_chars=100)
+    store = make_store(max_turns=3, max_chars=100, trim_to=1)
     for i in range(5):
         await store.append("chan", "u", [turn(f"t{i}", clock)])
     assert texts((await store.build("chan", "u")).turns) == ["t2", "t3", "t4"]
@@ -59,6 +59,22 @@ async def test_window_keeps_at_most_max_turns_and_max_chars_dropping_the_oldest(
     assert len(only[2]) == 100 and only[2].startswith("www")
     # disk holds the same window as memory
     assert disk_texts(store) == [only[2]]
+
+
+@both_backends
+@pytest.mark.asyncio
+async def test_a_full_window_drops_turns_in_a_step_so_it_starts_alike_for_several_turns(
+    make_store: MakeStore, clock: FakeClock
+) -> None:
+    store = make_store(max_turns=8, max_chars=10_000, trim_to=0.5)
+    firsts = []
+    for i in range(12):
+        await store.append("chan", "u", [turn(f"q{i}", clock), turn(f"a{i}", clock, role="model")])
+        firsts.append((await store.build("chan", "u")).turns[0][2])
+    # full at 8 turns; the fifth message's pair overflows it and the window drops to 4,
+    # then grows again: it starts at the same turn for three messages in a row
+    assert firsts == ["q0"] * 4 + ["q3"] * 3 + ["q6"] * 3 + ["q9"] * 2
+    assert disk_texts(store)[0] == "q9" and len(disk_texts(store)) == 6
 
 
 @both_backends

@@ -393,3 +393,18 @@ async def test_a_repeated_prompt_prefix_counts_as_cached_tokens_and_costs_less(
     assert stats.cost_usd["gemini-2.5-flash"] == pytest.approx(
         float(first.metadata["cost_usd"]) + expected, rel=1e-6
     )
+
+
+@pytest.mark.asyncio
+async def test_the_budget_trim_drops_turns_in_steps_so_a_conversations_requests_start_alike(
+    server: FakeGemini, make_llm: MakeLLM
+) -> None:
+    llm = make_llm(max_prompt_tokens=200)
+    starts = []
+    # a conversation two turns longer each time, soon over the budget (~15 tokens a turn)
+    for turns in range(12, 24, 2):
+        await llm.generate(LLMRequest(prompt="next", model="gemini-2.5-flash", history=_history(turns, 10)))
+        starts.append(server.arrivals[-1].history[0].split()[0])
+    # dropping one turn at a time would start each request two turns later than the last;
+    # steps of eight keep the start for four requests, and their prefix stays cacheable
+    assert starts == ["turn0", "turn8", "turn8", "turn8", "turn8", "turn16"]

@@ -1,9 +1,12 @@
 """The LLM gateway as a Ray actor behind real front-ends, against the fake Gemini server:
-two front-end processes attached to one Ray share one quota; a gateway killed mid-stream
-ends the stream with a retryable error and restarts; one user's 200 concurrent requests
-leave every other user served in turn; identical streams share one upstream call.
+two front-end processes attached to one Ray share one quota, and /stats shows what both
+spent today; two replicas split the quota; a gateway killed mid-stream ends the stream with
+a retryable error and restarts; one user's 200 concurrent requests leave every other user
+served in turn; identical streams share one upstream call; each upstream call is one
+analytics event, which `raycord analytics --report cost` sums by the price table; a
+conversation's turns share their prefix, so Gemini's implicit cache serves a growing share.
 
-One runtime and one fake server serve the module.
+One runtime and one fake server serve the module (and one pair of gateway replicas).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,10 +27,13 @@ import ray
 
 from actors.errors import ServiceUnavailable
 from actors.schemas import IncomingMessage
-from bot.config import LLMSettings, ModelQuota, QuotaSettings
+from bot.cli import main
+from bot.config import LLMSettings, ModelPrice, ModelQuota, QuotaSettings
 from bot.llm import LLMRequest
+from bot.llm.base import GatewayBusy, LLMResult
 from bot.llm.fake_server import FakeGemini, FakeGeminiConfig
-from bot.runtime import Runtime, project_root
+from bot.llm.gateway import GatewayClient, GatewayConfig, GatewayStats, LLMGateway
+from bot.runtime import Runtime, ServiceSpec, project_root, service_handles
 from tests.conftest import make_settings
 
 #: the model whose quota the shared-quota test spends; the other tests use the default model
@@ -102,8 +110,6 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 async def _answer(rt: Runtime, prompt: str, model: str, user: str) -> str:
-    from bot.llm.base import GatewayBusy
-
     assert rt.pipeline is not None
     try:
         await rt.pipeline.llm.generate(LLMRequest(prompt=prompt, model=model, user=user))
@@ -112,12 +118,26 @@ async def _answer(rt: Runtime, prompt: str, model: str, user: str) -> str:
     return "answered"
 
 
+def call_cost(price: ModelPrice, prompt: int, cached: int, output: int, thinking: int) -> float:
+    """What one call costs by the price table: cached prompt tokens at their own price,
+    thinking billed as output."""
+    return (
+        (prompt - cached) * price.input + cached * price.cached_input + (output + thinking) * price.output
+    ) / 1e6
+
+
 @pytest.mark.asyncio
-async def test_two_front_end_processes_share_one_quota(gateway_runtime: Runtime, fresh: FakeGemini) -> None:
+async def test_two_front_end_processes_share_one_quota_and_stats_shows_what_both_spent_today(
+    gateway_runtime: Runtime, fresh: FakeGemini
+) -> None:
     # the fake server enforces the same quota on the key: a second front-end spending a
     # quota of its own would draw 429s from it
     fresh.config.quota_requests_per_minute = QUOTA
     settings = gateway_runtime.settings
+    pipeline = gateway_runtime.pipeline
+    assert pipeline is not None
+    await gateway_runtime.flush()  # the calls of earlier tests are in the sink before the count
+    before = await pipeline.summary()
     # the second front-end spends four of the minute's six; this one asks right after it
     # exits, well within the same minute whatever its start-up took
     out = await asyncio.to_thread(
@@ -150,6 +170,15 @@ async def test_two_front_end_processes_share_one_quota(gateway_runtime: Runtime,
     assert fresh.calls == QUOTA and fresh.quota_rejections == 0
     stats = await gateway_runtime.clients["llm"].stats()  # type: ignore[attr-defined]
     assert sum(s.quota_used[QUOTA_MODEL][0] for s in stats) == QUOTA
+    # /stats reads the spend from the analytics sink, so the other process's calls are in it:
+    # six calls of two prompt words ("first 0", "second 3") and 24 reply words each
+    await gateway_runtime.flush()
+    after = await pipeline.summary()
+    assert after.calls_today - before.calls_today == QUOTA
+    price = settings.llm.prices[QUOTA_MODEL]
+    spent = after.spent_today_usd - before.spent_today_usd
+    assert spent == pytest.approx(QUOTA * call_cost(price, 2, 0, 24, 0), rel=1e-6)
+    assert f"${after.spent_today_usd:.4f} over {after.calls_today} calls" in after.lines()[-1]
 
 
 @pytest.mark.asyncio
@@ -223,3 +252,213 @@ async def test_identical_streams_through_ray_share_one_upstream_call(
     texts = await asyncio.gather(*(read() for _ in range(5)))
     assert len(set(texts)) == 1 and "you said: the same" in texts[0]
     assert fresh.calls == 1
+
+
+# --- two replicas, cost events, implicit caching ----------------------------------------------
+
+#: the pair's quota on QUOTA_MODEL, which each of the two replicas enforces half of
+PAIR_QUOTA = 4
+#: the pair moves a request for an overloaded model to this one
+FALLBACK = "gemini-2.5-flash-lite"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pair(gateway_runtime: Runtime, server: FakeGemini) -> AsyncIterator[GatewayClient]:
+    """Two gateway replicas in the runtime's namespace (so their call events reach its
+    analytics sink), made as the runtime makes its own, splitting one quota."""
+    llm = gateway_llm(server.base_url).model_copy(
+        update={
+            "replicas": 2,
+            "fallback_models": [FALLBACK],
+            "quota": QuotaSettings(models={QUOTA_MODEL: ModelQuota(requests_per_minute=PAIR_QUOTA)}),
+        }
+    )
+    settings = gateway_runtime.settings.model_copy(update={"llm": llm})
+    spec = ServiceSpec("llm-pair", LLMGateway, GatewayClient, "llm", config_of=GatewayConfig.from_settings)
+    handles = service_handles(settings, spec)
+    await asyncio.gather(*(h.ping.remote() for h in handles))
+    yield GatewayClient(handles, name=llm.model)
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+
+
+def users_of_each_replica(client: GatewayClient, per_replica: int) -> list[list[str]]:
+    """User ids the client routes to each replica, `per_replica` of each."""
+    found: list[list[str]] = [[] for _ in client.handles]
+    i = 0
+    while any(len(users) < per_replica for users in found):
+        user = f"pair-{i}"
+        shard = client.handles.index(client.handle_for(user))
+        if len(found[shard]) < per_replica:
+            found[shard].append(user)
+        i += 1
+    return found
+
+
+@pytest.mark.asyncio
+async def test_two_gateway_replicas_each_enforce_half_of_the_quota(
+    pair: GatewayClient, fresh: FakeGemini
+) -> None:
+    async def ask(user: str) -> str:
+        result = await pair.generate(LLMRequest(prompt=f"split {user}", model=QUOTA_MODEL, user=user))
+        return result.model
+
+    # three users on each replica: each sends two to the model, its half of four, and moves
+    # the third to the fallback model, whose quota is not spent
+    outcomes = [[await ask(user) for user in users] for users in users_of_each_replica(pair, 3)]
+    assert outcomes == [[QUOTA_MODEL, QUOTA_MODEL, FALLBACK]] * 2
+    stats: list[GatewayStats] = await pair.stats()
+    assert [s.quota_used[QUOTA_MODEL][0] for s in stats] == [PAIR_QUOTA // 2] * 2
+    assert [a.model for a in fresh.arrivals].count(QUOTA_MODEL) == PAIR_QUOTA
+
+
+async def cost_report(
+    settings: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> list[dict[str, Any]]:
+    """`raycord analytics --report cost --format json`, as an operator runs it."""
+    monkeypatch.setenv("RAYCORD_NAMESPACE", settings.namespace)
+    capsys.readouterr()
+    code = await asyncio.to_thread(
+        main, ["analytics", "--state-dir", str(settings.state_dir), "--report", "cost", "--format", "json"]
+    )
+    assert code == 0
+    rows: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+    return rows
+
+
+@pytest.mark.asyncio
+async def test_each_upstream_call_is_one_cost_event_and_the_cost_report_sums_them_by_the_price_table(
+    gateway_runtime: Runtime,
+    pair: GatewayClient,
+    fresh: FakeGemini,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fresh.config.thinking_tokens = 5
+    tag = uuid.uuid4().hex[:8]
+    server_a, server_b = f"a-{tag}", f"b-{tag}"
+    history = (("user", "", "one two three four"), ("model", "", "five six seven eight"))
+
+    def request(
+        prompt: str, user: str, server: str, model: str = "gemini-2.5-flash", **more: Any
+    ) -> LLMRequest:
+        return LLMRequest(
+            prompt=prompt, model=model, user=f"{user}-{tag}", server=server, channel=f"ch-{tag}", **more
+        )
+
+    results: list[LLMResult] = []
+    # the same history twice: the second call's history comes from the implicit cache
+    for prompt in ("first question", "second question"):
+        results.append(await pair.generate(request(prompt, "u1", server_a, history=history)))
+    # four identical streams share one upstream call: one event, not four
+    key = f"same-{tag}"
+
+    async def read() -> LLMResult:
+        stream = pair.stream(request("shared words", "u2", server_a, key=key))
+        async for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    fresh.config.latency = 0.2
+    shared = await asyncio.gather(*(read() for _ in range(4)))
+    fresh.config.latency = 0.0
+    results.append(shared[0])
+    # an overloaded model's 503 costs nothing; the fallback that answers is counted
+    fresh.config.overloaded_models = ["gemini-2.5-pro"]
+    results.append(await pair.generate(request("fall back", "u3", server_b, model="gemini-2.5-pro")))
+    # a 429 costs nothing either; the retry that answers is counted once
+    fresh.fail_next(1, "429", retry_delay=0.01)
+    results.append(await pair.generate(request("after a 429", "u3", server_b, model=FALLBACK)))
+    assert fresh.calls == 2 + 1 + 2 + 2
+    assert [r.model for r in results] == ["gemini-2.5-flash"] * 3 + [FALLBACK] * 2
+    assert results[1].metadata["cached_tokens"] == "8"  # the eight words of history
+
+    await asyncio.gather(*(h.flush.remote() for h in pair.handles))
+    rows = [
+        r
+        for r in await cost_report(gateway_runtime.settings, monkeypatch, capsys)
+        if r["user_id"].endswith(tag)
+    ]
+
+    prices = gateway_runtime.settings.llm.prices
+    expected: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for (user, server), result in zip(
+        [("u1", server_a), ("u1", server_a), ("u2", server_a), ("u3", server_b), ("u3", server_b)],
+        results,
+        strict=True,
+    ):
+        cached, thinking = (
+            int(result.metadata.get("cached_tokens", 0)),
+            int(result.metadata["thinking_tokens"]),
+        )
+        row = expected.setdefault(
+            (server, f"{user}-{tag}", result.model),
+            {
+                "calls": 0,
+                "prompt_tokens": 0,
+                "cached_tokens": 0,
+                "output_tokens": 0,
+                "thinking_tokens": 0,
+                "cost_usd": 0.0,
+            },
+        )
+        row["calls"] += 1
+        row["prompt_tokens"] += result.tokens_in
+        row["cached_tokens"] += cached
+        row["output_tokens"] += result.tokens_out
+        row["thinking_tokens"] += thinking
+        row["cost_usd"] += call_cost(
+            prices[result.model], result.tokens_in, cached, result.tokens_out, thinking
+        )
+    today = str(datetime.now(UTC).date())
+    got = {(r["server_id"], r["user_id"], r["model"]): r for r in rows}
+    assert set(got) == set(expected)
+    for group, want in expected.items():
+        row = got[group]
+        assert row["day"] == today
+        assert {k: row[k] for k in want if k != "cost_usd"} == {
+            k: v for k, v in want.items() if k != "cost_usd"
+        }
+        assert row["cost_usd"] == pytest.approx(want["cost_usd"], abs=1e-6)
+    assert got[(server_a, f"u1-{tag}", "gemini-2.5-flash")]["cached_tokens"] == 8
+    assert all(row["thinking_tokens"] == 5 * row["calls"] for row in got.values())
+
+
+@pytest.mark.asyncio
+async def test_a_conversations_turns_share_their_prefix_so_the_cached_share_grows(
+    gateway_runtime: Runtime, fresh: FakeGemini
+) -> None:
+    pipeline = gateway_runtime.pipeline
+    assert pipeline is not None
+    llm: Any = gateway_runtime.clients["llm"]
+    tag = uuid.uuid4().hex[:8]
+
+    async def totals() -> tuple[int, int]:
+        stats: list[GatewayStats] = await llm.stats()
+        return sum(s.tokens_in for s in stats), sum(s.cached_tokens for s in stats)
+
+    shares = []
+    for i in range(5):
+        # each message mentions someone, so the social line (with its counts) changes every
+        # turn: it goes after the history, not into the system prompt ahead of it
+        text = f"turn {i} tell me about ray actors"
+        msg = IncomingMessage(
+            text=text,
+            user_id=f"talker-{tag}",
+            scope=f"chan-{tag}",
+            server_id=f"srv-{tag}",
+            mentions=(f"bob-{tag}",),
+        )
+        before = await totals()
+        reply = await pipeline.handle(msg)
+        after = await totals()
+        # what the conversation needs next is written before it goes on
+        assert await pipeline.writes.drain(30) == 0
+        assert reply.text.startswith(f"(fake gemini) you said: {text}.")
+        shares.append((after[1] - before[1]) / (after[0] - before[0]))
+    # the social line went with the new message, and no turn of the history carries it
+    assert fresh.arrivals[-1].prompt == text
+    assert not any("talks most with" in turn for turn in fresh.arrivals[-1].history)
+    assert all(share > 0 for share in shares[1:])
+    assert shares[1:] == sorted(shares[1:]) and shares[-1] > shares[1]

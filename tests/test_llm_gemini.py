@@ -350,7 +350,11 @@ async def test_closing_a_stream_early_drops_its_http_stream(server: FakeGemini, 
             break
         await asyncio.sleep(0.02)
     assert server.abandoned == 1
-    assert llm.stats().in_flight == 0
+    stats = llm.stats()
+    assert stats.in_flight == 0
+    # what Gemini generated before the reader left is billed, and counted
+    assert (stats.tokens_in, stats.tokens_out) == (3 + 2, len(first.split()))  # "be brief" too
+    assert stats.cost_usd["gemini-2.5-flash"] > 0
     # the gateway is still serving after the cancelled stream
     assert "you said: next" in (await llm.generate(ask("next"))).text
 

@@ -66,7 +66,8 @@ async def test_a_streamed_gemini_reply_carries_its_tokens_into_analytics(
     conn = duckdb.connect(str(settings.state_dir / "analytics.duckdb"), read_only=True)
     rows = conn.execute("SELECT type, tokens_in, tokens_out FROM events ORDER BY type").fetchall()
     conn.close()
-    assert rows == [("error", 0, 0), ("message", prompt_tokens, 30)]
+    # the reply's event, and the gateway's event of the upstream call that made it
+    assert rows == [("error", 0, 0), ("llm_call", prompt_tokens, 30), ("message", prompt_tokens, 30)]
 
 
 def test_raycord_fake_gemini_serves_until_interrupted() -> None:

@@ -34,9 +34,15 @@ class LLMRequest:
     #: who asks, and from which server: the gateway's fair queue takes turns by these
     user: str = ""
     server: str | None = None
+    #: the channel asked in, for the cost accounting of the call
+    channel: str | None = None
     #: the conversation this turn belongs to (its scope and user), "" for a stateless one:
     #: the gateway calibrates its token estimate per conversation
     conversation: str = ""
+    #: context that changes from turn to turn (the social line): sent with the new message,
+    #: after the history, so the system prompt and the older turns stay a prefix that
+    #: Gemini's implicit cache serves
+    note: str = ""
 
 
 @dataclass(slots=True)

@@ -39,6 +39,8 @@ _MARKER = re.compile(r"\[\[fault:([a-z0-9_]+)(?::([0-9.]+))?\]\]")
 _KNOWN_MODEL = re.compile(r"^(gemini|gemma)-[a-z0-9.-]+$")
 #: how long a prompt prefix stays in the implicit cache
 CACHE_SECONDS = 300.0
+#: prefixes remembered before the expired ones are let go
+MAX_PREFIXES = 100_000
 
 _STATUS = {
     400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
@@ -119,7 +121,8 @@ class FakeGemini:
     clock: Callable[[], float] = time.monotonic
     #: per API key: (time, prompt tokens) of the requests it made in the last minute
     _usage: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
-    #: prompt prefix digest -> when it was last seen (the implicit cache)
+    #: digest of each prompt prefix (system instruction, then whole turns) -> when it was
+    #: last seen (the implicit cache)
     _prefixes: dict[str, float] = field(default_factory=dict)
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -390,19 +393,33 @@ class FakeGemini:
         )
 
     def _cached_tokens(self, body: dict[str, Any]) -> int:
-        """Tokens of the prompt's prefix (system instruction and every turn but the last)
-        when the same prefix came in the last `CACHE_SECONDS`: Gemini's implicit caching."""
+        """Tokens of the longest prefix (the system instruction, then whole turns) this request
+        shares with one that came in the last `CACHE_SECONDS`: Gemini's implicit caching,
+        which serves a request's beginning from cache when an earlier request began the same.
+        The new message is never part of it: a request that repeats another whole is still
+        answered afresh."""
         contents = body["contents"]
-        prefix = {"system": body.get("systemInstruction"), "turns": contents[:-1]}
-        if prefix["system"] is None and not prefix["turns"]:
-            return 0
-        digest = hashlib.blake2b(json.dumps(prefix, sort_keys=True).encode(), digest_size=16).hexdigest()
+        system = body.get("systemInstruction")
+        items = ([system] if system is not None else []) + list(contents)
         now = self.clock()
-        seen = self._prefixes.get(digest)
-        self._prefixes[digest] = now
-        if seen is None or seen <= now - CACHE_SECONDS:
+        if len(self._prefixes) > MAX_PREFIXES:
+            expired = now - CACHE_SECONDS
+            self._prefixes = {d: at for d, at in self._prefixes.items() if at > expired}
+        h = hashlib.blake2b(digest_size=16)
+        cached = 0
+        for i, item in enumerate(items):
+            h.update(json.dumps(item, sort_keys=True).encode())
+            digest = h.copy().hexdigest()
+            seen = self._prefixes.get(digest)
+            self._prefixes[digest] = now
+            if i < len(items) - 1 and seen is not None and seen > now - CACHE_SECONDS:
+                cached = i + 1
+        if not cached:
             return 0
-        return _prompt_tokens({"contents": contents[:-1], "systemInstruction": prefix["system"]})
+        prefix = items[:cached]
+        if system is not None:
+            return _prompt_tokens({"contents": prefix[1:], "systemInstruction": system})
+        return _prompt_tokens({"contents": prefix})
 
     # --- admin endpoints, so a separate process (the benchmark) can steer the server -------
 
@@ -434,9 +451,12 @@ class FakeGemini:
 
 
 def _last_user_text(contents: list[dict[str, Any]]) -> str:
+    """The new message: the last text part of the last user turn (a context note the
+    bot sends ahead of it, in the same turn, is not what the user said)."""
     for content in reversed(contents):
         if content.get("role", "user") == "user":
-            return " ".join(p["text"] for p in content.get("parts", ()) if "text" in p)
+            texts = [p["text"] for p in content.get("parts", ()) if "text" in p]
+            return texts[-1] if texts else ""
     raise ValueError("no user content")
 
 

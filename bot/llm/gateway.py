@@ -35,8 +35,10 @@ from pydantic import BaseModel, SecretStr
 from yarl import URL
 
 from actors import metrics
+from actors.analytics import AnalyticsClient, AnalyticsConfig
 from actors.base import Clock, Service, ShardedClient
 from actors.errors import InputRejected, RaycordError, ServiceUnavailable, UpstreamUnavailable
+from actors.schemas import AnalyticsEvent
 from bot.attachments import AttachmentPolicy, check_inline_parts
 from bot.config import LLMSettings, Settings
 from bot.llm.base import (
@@ -77,6 +79,16 @@ CALIBRATED_CONVERSATIONS = 10_000
 CALIBRATION_BOUNDS = (0.25, 4.0)
 #: where the SDK sends requests when no base URL is configured
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+#: a trim over the prompt budget leaves out a multiple of this many turns, so the history
+#: sent starts at the same turn for several turns in a row and Gemini's implicit cache
+#: keeps serving its prefix (a trim of one turn at a time would change it every turn)
+TRIM_STEP_TURNS = 8
+#: the analytics event of one upstream call (`raycord analytics --report cost`)
+LLM_CALL_EVENT = "llm_call"
+#: the analytics sink's actor, looked up by name in the gateway's namespace
+ANALYTICS_ACTOR = "analytics-0"
+#: call events kept while the analytics sink cannot be found
+UNSENT_EVENTS = 10_000
 
 
 def env_proxy(base_url: str | None) -> str | None:
@@ -100,6 +112,9 @@ class GatewayConfig(BaseModel):
     backend: Literal["gemini", "offline"]
     api_key: SecretStr | None = None
     proxy: SecretStr | None = None
+    #: the Ray namespace whose analytics sink hears of every upstream call (None: no events)
+    namespace: str | None = None
+    analytics: AnalyticsConfig = AnalyticsConfig()
 
     @property
     def shards(self) -> int:
@@ -122,11 +137,24 @@ class GatewayConfig(BaseModel):
                 )
             found = env_proxy(settings.llm.base_url)
             proxy = SecretStr(found) if found else None
-        return cls(llm=settings.llm, backend=chosen, api_key=settings.gemini_api_key, proxy=proxy)
+        return cls(
+            llm=settings.llm,
+            backend=chosen,
+            api_key=settings.gemini_api_key,
+            proxy=proxy,
+            namespace=settings.namespace,
+            analytics=settings.analytics,
+        )
 
     def model_name(self) -> str:
         """The model the pipeline asks for by default."""
         return default_model(self.backend, self.llm)
+
+
+def _in_ray_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def default_model(backend: str, llm: LLMSettings) -> str:
@@ -160,6 +188,11 @@ class GatewayStats(BaseModel):
     cached_prompt_share: float
     #: estimated US dollars spent since the gateway started, per model
     cost_usd: dict[str, float]
+    #: upstream calls handed to analytics as events; those waiting for the sink to be
+    #: found, and those dropped when it could not be found for too long
+    calls_recorded: int = 0
+    calls_waiting: int = 0
+    calls_dropped: int = 0
     #: per model: requests this minute, prompt tokens this minute, requests today
     quota_used: dict[str, tuple[int, int, int]]
 
@@ -235,12 +268,23 @@ class LLMGateway(Service):
         *,
         clock: Clock | None = None,
         backend: Backend | None = None,
+        analytics: AnalyticsClient | None = None,
     ) -> None:
+        """`analytics`: where the events of upstream calls go; as a Ray actor with a
+        `config.namespace`, the namespace's analytics sink is found by name."""
         super().__init__(clock)
         self.config = config
         self.settings = cfg = config.llm
         self.shard = shard
         self._backend = backend
+        self._analytics = analytics
+        self._state_dir = state_dir
+        #: as a Ray actor, the analytics sink is looked up by name (in process, only the
+        #: client given is used)
+        self._find_sink = analytics is None and config.namespace is not None and _in_ray_actor()
+        #: events of upstream calls made before the analytics sink was found
+        self._unsent: list[AnalyticsEvent] = []
+        self.events_dropped = 0
         self._quotas: dict[str, ModelQuota] = {}
         self._queue: FairQueue[_Waiter] = FairQueue()
         self._in_flight = 0
@@ -270,6 +314,9 @@ class LLMGateway(Service):
         )
         self._m_fallbacks = metrics.counter("llm_fallbacks", "requests moved to a fallback model", ("model",))
         self._m_tokens = metrics.counter("llm_tokens", "LLM tokens by kind", ("kind",))
+        self._m_cached_share = metrics.gauge(
+            "llm_cached_prompt_share", "share of prompt tokens served from Gemini's cache", ("shard",)
+        )
         self._m_cost = metrics.counter("llm_cost_usd", "estimated LLM cost in US dollars", ("model",))
         self._m_queue_wait = metrics.histogram(
             "llm_queue_wait_ms", "time a request waited for its turn", metrics.LATENCY_MS_BOUNDARIES
@@ -409,6 +456,7 @@ class LLMGateway(Service):
             model, ticket = await self._admit(request, chain, tokens, deadline, first=attempt == 1)
             reply = Reply()
             emitted = False
+            called_at = loop.time()
             try:
                 self.upstream_calls += 1
                 chunks = backend.call(model, request, images, flight.streamed)
@@ -426,6 +474,10 @@ class LLMGateway(Service):
                         if text:
                             flight.push(text)
                             emitted = True
+            except asyncio.CancelledError:
+                # nobody reads on, but what Gemini generated until now is billed
+                self._account(request, model, chain[0], reply, (loop.time() - called_at) * 1000)
+                raise
             except Exception as exc:
                 failure = self._classify(exc, model)
                 if isinstance(failure, _TooLong):
@@ -448,6 +500,8 @@ class LLMGateway(Service):
                     raise failure from exc
                 if emitted or flight.chunks:
                     self.failures += 1
+                    # the part that came is billed
+                    self._account(request, model, chain[0], reply, (loop.time() - called_at) * 1000)
                     raise UpstreamUnavailable(f"the reply broke off: {failure.detail}") from exc
                 if failure.status in FALLBACK_STATUS:
                     self._cool(model, failure.server_delay, attempt)
@@ -470,8 +524,7 @@ class LLMGateway(Service):
             result = reply.result(OFFLINE_MODEL if offline else model, backend.name, offline)
             if model != chain[0]:
                 result.metadata["fallback_from"] = chain[0]
-            self._count_tokens(reply)
-            cost = self._cost(result.model, reply)
+            cost = self._account(request, result.model, chain[0], reply, (loop.time() - called_at) * 1000)
             if cost:
                 result.metadata["cost_usd"] = f"{cost:.8f}"
             return result
@@ -490,6 +543,9 @@ class LLMGateway(Service):
             _, author, text = history[drop]
             total -= (len(author) + len(text) + 2) / 4 * ratio
             drop += 1
+        # up to the next step: the next turns' requests (two turns longer each) then start
+        # at the same turn until they too outgrow the budget
+        drop = min(len(history), -(-drop // TRIM_STEP_TURNS) * TRIM_STEP_TURNS)
         self.trimmed += 1
         return replace(request, history=_from_user_turn(history[drop:]))
 
@@ -724,12 +780,91 @@ class LLMGateway(Service):
         cost = (
             (reply.tokens_in - cached) * price.input
             + cached * price.cached_input
-            + reply.tokens_out * price.output
+            # Gemini bills thinking as output; `candidates_token_count` leaves it out
+            + (reply.tokens_out + reply.thoughts) * price.output
         ) / 1e6
         if cost > 0:
             self.cost_usd[model] = self.cost_usd.get(model, 0.0) + cost
             self._m_cost.inc(cost, tags={"model": model})
         return cost
+
+    def _account(self, request: LLMRequest, model: str, asked: str, reply: Reply, latency_ms: float) -> float:
+        """Count one upstream call's tokens and estimated cost, and record it as an analytics
+        event (not the offline responder's, which costs nothing); returns the cost. A call
+        whose reply carried no usage (it failed before any came) was not billed."""
+        if not (reply.tokens_in or reply.tokens_out):
+            return 0.0
+        self._count_tokens(reply)
+        cost = self._cost(model, reply)
+        if self.config.backend != "offline":
+            self._record_call(request, model, asked, reply, cost, latency_ms)
+        return cost
+
+    def _record_call(
+        self, request: LLMRequest, model: str, asked: str, reply: Reply, cost: float, latency_ms: float
+    ) -> None:
+        """One analytics event for one upstream call Gemini answered, under the model that
+        answered (`asked` is the one asked for, when a fallback answered) and the user, server
+        and channel whose request made it. Never blocks: the analytics client buffers it and
+        ships it with others."""
+        if self._analytics is None and not self._find_sink:
+            return
+        event = AnalyticsEvent(
+            type=LLM_CALL_EVENT,
+            server_id=request.server,
+            channel_id=request.channel,
+            user_id=request.user or None,
+            latency_ms=max(latency_ms, 0.0),
+            tokens_in=reply.tokens_in,
+            tokens_out=reply.tokens_out,
+            payload={
+                "model": model,
+                "cached": min(reply.cached, reply.tokens_in),
+                "thinking": reply.thoughts,
+                "cost_usd": cost,
+                **({"fallback_from": asked} if asked != model else {}),
+            },
+        )
+        self._unsent.append(event)
+        self._ship_events()
+
+    def _ship_events(self) -> AnalyticsClient | None:
+        """Hand the waiting events to the analytics client; the client, or None while the
+        sink cannot be found (the newest `UNSENT_EVENTS` wait for it, older ones are
+        dropped and logged)."""
+        client = self._events_client()
+        if client is not None:
+            for event in self._unsent:
+                client.record(event)
+            self._unsent.clear()
+        elif len(self._unsent) > UNSENT_EVENTS:
+            lost = len(self._unsent) - UNSENT_EVENTS
+            del self._unsent[:lost]
+            self.events_dropped += lost
+            log.error("no analytics sink: %d upstream call events dropped", lost)
+        return client
+
+    def _events_client(self) -> AnalyticsClient | None:
+        """The analytics client, made on first use from the sink found by name."""
+        if self._analytics is not None or not self._find_sink:
+            return self._analytics
+        import ray
+
+        assert self.config.namespace is not None
+        try:
+            sink = ray.get_actor(ANALYTICS_ACTOR, namespace=self.config.namespace)
+        except ValueError:
+            log.warning(
+                "no analytics sink %s yet; %d call events wait for it", ANALYTICS_ACTOR, len(self._unsent)
+            )
+            return None
+        state_dir = Path(self._state_dir or ".raycord")
+        # a spill directory of its own: front-ends replay the shared one's files
+        spill = self.config.analytics.model_copy(
+            update={"spill_dir": state_dir / "analytics-spill" / f"llm-{self.shard}"}
+        )
+        self._analytics = AnalyticsClient([sink], spill, state_dir=state_dir)
+        return self._analytics
 
     def _images(self, request: LLMRequest) -> tuple[ImagePart, ...]:
         cfg = self.settings
@@ -768,6 +903,9 @@ class LLMGateway(Service):
         self._m_in_flight.set(self._in_flight, tags=tags)
         self._m_queued.set(len(self._queue), tags=tags)
         self._m_breaker.set(1 if self._breaker.state == CircuitBreaker.OPEN else 0, tags=tags)
+        self._m_cached_share.set(self._cached_share(), tags=tags)
+        if self._unsent:
+            self._ship_events()
         now = self.clock()
         for model, quota in self._quotas.items():
             used = quota.used(now)
@@ -807,10 +945,22 @@ class LLMGateway(Service):
             tokens_out=self.tokens_out,
             cached_tokens=self.cached_tokens,
             thinking_tokens=self.thinking_tokens,
-            cached_prompt_share=self.cached_tokens / self.tokens_in if self.tokens_in else 0.0,
+            cached_prompt_share=self._cached_share(),
             cost_usd=dict(self.cost_usd),
             quota_used={m: q.used(now) for m, q in self._quotas.items()},
+            calls_recorded=self._analytics.recorded if self._analytics is not None else 0,
+            calls_waiting=len(self._unsent),
+            calls_dropped=self.events_dropped,
         )
+
+    def _cached_share(self) -> float:
+        return self.cached_tokens / self.tokens_in if self.tokens_in else 0.0
+
+    async def flush(self) -> None:
+        """Ship the events of the calls made so far and wait until the sink has them."""
+        client = self._ship_events()
+        if client is not None:
+            await client.flush()
 
     async def close(self) -> None:
         await super().close()
@@ -822,6 +972,8 @@ class LLMGateway(Service):
         if self._backend is not None:
             await self._backend.aclose()
             self._backend = None
+        if self._analytics is not None:
+            await self._analytics.close()
 
 
 #: how Gemini says a prompt is longer than the model takes

@@ -152,7 +152,12 @@ class GeminiBackend:
                 # several people talk in one channel: the model needs to know who said what
                 said = f"{author}: {text}" if author else text
                 contents.append({"role": "user", "parts": [{"text": said}]})
-        parts: list[types.PartDict] = [{"text": request.prompt}] if request.prompt else []
+        # what changes every turn goes with the new message, after the history: the system
+        # instruction and the older turns then begin every request of a conversation alike,
+        # and Gemini's implicit cache serves them
+        parts: list[types.PartDict] = [{"text": request.note}] if request.note else []
+        if request.prompt:
+            parts.append({"text": request.prompt})
         parts.extend({"inline_data": {"data": image.data, "mime_type": image.mime_type}} for image in images)
         contents.append({"role": "user", "parts": parts})
         config: types.GenerateContentConfigDict = {

@@ -26,7 +26,7 @@ IMAGE_TOKENS = 258
 
 def estimate_prompt_tokens(request: LLMRequest) -> int:
     """The prompt's tokens as Gemini will count them, roughly: ~4 characters a token."""
-    chars = len(request.prompt) + len(request.system_prompt)
+    chars = len(request.prompt) + len(request.system_prompt) + len(request.note)
     chars += sum(len(author) + len(text) + 2 for _, author, text in request.history)
     return chars // 4 + 1 + IMAGE_TOKENS * len(request.images)
 
