@@ -245,6 +245,8 @@ class ShardedClient:
         self.max_in_flight = max_in_flight or self.default_max_in_flight
         self._batchers: dict[tuple[int, str], CallBatcher] = {}
         self._batch_loop: asyncio.AbstractEventLoop | None = None
+        #: Ray calls made (a batch is one), retries not counted
+        self.ray_calls = 0
 
     def handle_for(self, key: str) -> Handle:
         from actors.sharding import pick
@@ -263,6 +265,7 @@ class ShardedClient:
         from actors.errors import ServiceUnavailable
 
         name = method.__name__
+        self.ray_calls += 1
         # a batch of calls is as idempotent as the method it repeats
         retryable = (args[0] if name == "call_many" and args else name) in self.idempotent_methods
         deadline: float | None = None
@@ -302,9 +305,10 @@ class ShardedClient:
         return result
 
     def batching(self) -> dict[str, int]:
-        """Calls made through `_batched` and the round trips that carried them."""
-        calls = sum(b.calls for b in self._batchers.values())
-        return {"calls": calls, "round_trips": sum(b.batches for b in self._batchers.values())}
+        """Service calls made (batched or not) and the Ray round trips that carried them."""
+        batched = sum(b.calls for b in self._batchers.values())
+        batches = sum(b.batches for b in self._batchers.values())
+        return {"calls": self.ray_calls - batches + batched, "round_trips": self.ray_calls}
 
     async def _call_all(self, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         """`method` on every replica, concurrently; results in replica order."""

@@ -40,6 +40,7 @@ from actors.errors import InputRejected, RaycordError, ServiceUnavailable, Upstr
 from bot.attachments import AttachmentPolicy, check_inline_parts
 from bot.config import LLMSettings, Settings
 from bot.llm.base import (
+    UPSTREAM_MS,
     Backend,
     GatewayBusy,
     ImagePart,
@@ -411,6 +412,7 @@ class LLMGateway(Service):
             emitted = False
             try:
                 self.upstream_calls += 1
+                called_at = loop.time()
                 chunks = backend.call(model, request, images, flight.streamed)
                 async with contextlib.aclosing(chunks):
                     while True:
@@ -468,6 +470,9 @@ class LLMGateway(Service):
                 flight.push(note)
             offline = backend.name == "offline"
             result = reply.result(OFFLINE_MODEL if offline else model, backend.name, offline)
+            # the answering call's own time, so a caller can tell the upstream's share of its
+            # wait from the queue's, the gateway's and the transport's
+            result.metadata[UPSTREAM_MS] = f"{(loop.time() - called_at) * 1000:.3f}"
             if model != chain[0]:
                 result.metadata["fallback_from"] = chain[0]
             self._count_tokens(reply)
@@ -881,6 +886,7 @@ class GatewayClient(ShardedClient):
         import ray
         import ray.exceptions
 
+        self.ray_calls += 1
         generator = self._handle(request).stream.options(num_returns="streaming").remote(request)
         finished = False
         try:
@@ -926,13 +932,6 @@ class GeminiLLM:
 
     def stats(self) -> GatewayStats:
         return self.gateway.snapshot()
-
-    async def start(self) -> None:
-        """Nothing to start: the SDK's client is made on the first call."""
-
-    def sdk_pids(self) -> list[int]:
-        """No SDK process of its own: the SDK runs in this process."""
-        return []
 
     async def aclose(self) -> None:
         await self.gateway.close()
