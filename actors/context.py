@@ -988,7 +988,7 @@ class ContextClient(ShardedClient):
 
     async def profile(self, server: str) -> tuple[str, str]:
         """`server`'s persona and model ("" for none), in one call."""
-        return await self._call(self.handle_for(graph_key(server)), ContextStore.profile, server)
+        return await self._batched(self.handle_for(graph_key(server)), ContextStore.profile, server)
 
     async def record_interaction(
         self, server: str, user: str, mentions: list[str], reply_to: str | None = None

@@ -374,7 +374,9 @@ class ChatPipeline:
         if cacheable and result.finish_reason == "STOP" and result.text:
             user = msg.user_id
             self.writes.submit(
-                "cache.set", lambda: self.cache.set(key, result.text, scope_id, user), _ids(msg)
+                "cache.set",
+                lambda: self.cache.set(key, result.text, scope_id, user, background=True),
+                _ids(msg),
             )
         self._remember(msg, result.text)
         note = files.note()
