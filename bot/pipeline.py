@@ -296,11 +296,22 @@ class ChatPipeline:
             built = _EMPTY_CONTEXT
             check = self.limiter.check(msg.user_id, msg.kind, msg.server_id)
             if msg.server_id is not None:
-                # the server's persona and model are part of the key: asked beside the check
-                decision, (persona, model) = await asyncio.gather(check, self.context.profile(msg.server_id))
+                # the server's persona and model are part of the key: asked beside the check,
+                # with the lookup of the key most servers have (no persona, the default
+                # model); a server with its own asks again once its profile is known
+                profile = self.context.profile(msg.server_id)
+                if cacheable:
+                    plain_key = self._key(msg, scope_id, _EMPTY_CONTEXT)
+                    decision, (persona, model), cached = await asyncio.gather(
+                        check, profile, self.cache.get(plain_key, scope_id)
+                    )
+                else:
+                    decision, (persona, model) = await asyncio.gather(check, profile)
+                    cached = None
                 built = assemble((), 0, "", persona, model) if persona or model else _EMPTY_CONTEXT
                 key = self._key(msg, scope_id, built) if cacheable else ""
-                cached = await self.cache.get(key, scope_id) if cacheable and decision.allowed else None
+                if cacheable and built is not _EMPTY_CONTEXT:
+                    cached = await self.cache.get(key, scope_id) if decision.allowed else None
             elif cacheable:
                 key = self._key(msg, scope_id, built)
                 decision, cached = await asyncio.gather(check, self.cache.get(key, scope_id))
