@@ -519,14 +519,18 @@ class ChatPipeline:
             Turn(role="model", author="raycord", text=reply, time=now),
         ]
         self.writes.submit(
-            "context.append", lambda: self.context.append(msg.scope, msg.user_id, turns), _ids(msg)
+            "context.append",
+            lambda: self.context.append(msg.scope, msg.user_id, turns, background=True),
+            _ids(msg),
         )
         server = msg.server_id
         if server is not None and (msg.mentions or msg.reply_to_user):
             mentions = list(msg.mentions)
             self.writes.submit(
                 "context.record_interaction",
-                lambda: self.context.record_interaction(server, msg.user_id, mentions, msg.reply_to_user),
+                lambda: self.context.record_interaction(
+                    server, msg.user_id, mentions, msg.reply_to_user, background=True
+                ),
                 _ids(msg),
             )
 

@@ -10,7 +10,9 @@ import pytest
 
 from actors.base import CallArgs, CallBatcher
 from actors.cache import CacheClient
+from actors.context import ContextClient
 from actors.errors import ServiceUnavailable
+from actors.schemas import Turn
 from bot.runtime import Runtime
 
 
@@ -180,3 +182,23 @@ async def test_one_round_trip_carries_calls_of_several_methods(runtime: Runtime)
     assert [ok for ok, _ in outcomes] == [True, True, False]
     assert outcomes[1][1] == "v"
     assert isinstance(outcomes[2][1], ValueError)
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_a_background_append_rides_with_the_next_build_which_sees_its_turns(
+    runtime: Runtime, user: str
+) -> None:
+    context = runtime.client("context", ContextClient)
+    scope = f"channel:ride-{uuid.uuid4().hex[:8]}"
+    turns = [
+        Turn(role="user", author=user, text="remember the blue door", time=1.0),
+        Turn(role="model", author="raycord", text="noted", time=1.0),
+    ]
+    before = context.batching()
+    _, built = await asyncio.gather(
+        context.append(scope, user, turns, background=True), context.build(scope, user)
+    )
+    after = context.batching()
+    assert [t[2] for t in built.turns][-2:] == ["remember the blue door", "noted"]
+    assert (after["calls"] - before["calls"], after["round_trips"] - before["round_trips"]) == (2, 1)
