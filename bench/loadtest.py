@@ -57,6 +57,9 @@ class LoadConfig:
     ramp_up: float = 5.0
     llm_latency: float = 0.3
     llm_concurrency: int = 64
+    #: raycord's LLM gateway replicas (`llm.replicas`): the SDK's CPU is theirs, one event
+    #: loop each, so one replica bounds a closed loop's throughput
+    llm_replicas: int = 1
     #: mean pause between a user's reply and their next message (0 = closed loop)
     think: float = 0.0
     prompts: int = 300
@@ -449,7 +452,7 @@ def llm_counts(stats: Sequence[GatewayStats]) -> tuple[int, int, int]:
     )
 
 
-def load_settings(state_dir: Path, url: str, concurrency: int) -> Settings:
+def load_settings(state_dir: Path, url: str, concurrency: int, replicas: int = 1) -> Settings:
     """raycord's settings for the run: limits no user reaches, the LLM gateway on `url`."""
     from bot.config import LLMSettings
 
@@ -461,7 +464,7 @@ def load_settings(state_dir: Path, url: str, concurrency: int) -> Settings:
         discord_token=None,
         gemini_api_key=None,
         ratelimit=RateLimitConfig(message=generous, command=generous),
-        llm=LLMSettings(backend="gemini", base_url=url, max_concurrency=concurrency),
+        llm=LLMSettings(backend="gemini", base_url=url, max_concurrency=concurrency, replicas=replicas),
     )
 
 
@@ -471,7 +474,7 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
     results: dict[str, RunResult] = {}
     async with fake_gemini(cfg.llm_latency) as (url, server_pid):
         # as production runs it: the gateway actor owns the SDK, the pipeline holds a client
-        runtime = Runtime(load_settings(state_dir / "raycord", url, cfg.llm_concurrency))
+        runtime = Runtime(load_settings(state_dir / "raycord", url, cfg.llm_concurrency, cfg.llm_replicas))
         pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
         pipeline.stage_samples = {}
         pids = {"driver": os.getpid()}
@@ -614,7 +617,12 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         f"`{command}`",
         "",
         f"{cfg.users} users, {cfg.duration:.0f} s after a {cfg.ramp_up:.0f} s ramp-up, LLM latency "
-        f"{cfg.llm_latency * 1000:.0f} ms, think time {cfg.think:.2f} s; 70% chat, 20% /ask, 10% images.",
+        f"{cfg.llm_latency * 1000:.0f} ms, think time {cfg.think:.2f} s; 70% chat, 20% /ask, 10% images; "
+        f"raycord's LLM gateway in {cfg.llm_replicas} actor(s).",
+        "",
+        "Overhead excluding the LLM: raycord's is a reply's latency minus the upstream call's own "
+        "time as the gateway measured it (the gateway's queue and the round trip to it count); the "
+        "naive pipeline's is its latency minus its in-process LLM call.",
         "",
         "| figure | raycord | naive | ratio |",
         "|---|---|---|---|",
@@ -742,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-up", type=float, default=5.0)
     parser.add_argument("--llm-latency", type=float, default=0.3, help="seconds")
     parser.add_argument("--think", type=float, default=0.0, help="mean seconds between a user's messages")
+    parser.add_argument(
+        "--llm-replicas", type=int, default=1, help="raycord's LLM gateway replicas (llm.replicas)"
+    )
     parser.add_argument("--name", help="results name (default from users and latency)")
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     args = parser.parse_args(argv)
@@ -753,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         ramp_up=args.ramp_up,
         llm_latency=args.llm_latency,
         think=args.think,
+        llm_replicas=args.llm_replicas,
     )
     print(
         markdown(
