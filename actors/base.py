@@ -348,10 +348,29 @@ class ShardedClient:
         if batcher is None:
 
             async def send(calls: list[CallArgs]) -> list[tuple[bool, Any]]:
-                return await self._call(handle, Service.call_many, calls)
+                return await self._send_batch(handle, cast(list[NamedCall], calls))
 
             batcher = self._batchers[slot] = CallBatcher(send, max_in_flight=self.max_in_flight)
         return batcher
+
+    async def _send_batch(self, handle: Handle, calls: list[NamedCall]) -> list[tuple[bool, Any]]:
+        """One `call_many` round trip. A batch mixing reads and writes is not sent again
+        when its replica died mid-call (a write in it may have been applied), so its reads
+        are then sent again on their own, retried as any read is; its writes fail with
+        `ServiceUnavailable`, which a background write retries."""
+        from actors.errors import ServiceUnavailable
+
+        try:
+            return await self._call(handle, Service.call_many, calls)
+        except ServiceUnavailable as exc:
+            reads = [i for i, (method, _) in enumerate(calls) if method in self.idempotent_methods]
+            if not reads or len(reads) == len(calls):
+                raise
+            outcomes: list[tuple[bool, Any]] = [(False, exc)] * len(calls)
+            again = await self._call(handle, Service.call_many, [calls[i] for i in reads])
+            for i, outcome in zip(reads, again, strict=True):
+                outcomes[i] = outcome
+            return outcomes
 
     def batching(self) -> dict[str, int]:
         """Service calls made (batched or not) and the Ray round trips that carried them."""
