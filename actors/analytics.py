@@ -56,7 +56,9 @@ class AnalyticsConfig(BaseModel):
     #: ...for at most this long, then raises `AnalyticsBusy`
     append_wait_seconds: float = Field(default=5.0, ge=0)
     #: the client sends a batch when this long has passed or this many events wait...
-    client_batch_seconds: float = Field(default=0.1, gt=0)
+    #: (the sink commits once per `flush_seconds`, so sending much more often makes nothing
+    #: durable sooner: it only costs the front-end a Ray call and a table per batch)
+    client_batch_seconds: float = Field(default=0.5, gt=0)
     client_batch_events: int = Field(default=500, ge=1)
     #: ...and up to this many in one call when more have built up (the sender ran late, or
     #: every send slot was busy): a Ray call costs the same CPU on each side whatever it
@@ -561,6 +563,9 @@ class AnalyticsClient(ShardedClient):
         self._last_failure = float("-inf")
         self.recorded = self.sampled_out = self.sent = self.batches_sent = self.committed = 0
         self.spilled = self.replayed = self.failed_deliveries = 0
+        # pyarrow imports pandas the first time it builds a table: pay that once here, at
+        # start, rather than in the front-end's loop on the first batch of events
+        table_to_ipc(rows_to_table(()))
 
     def record(self, event: AnalyticsEvent) -> None:
         """Buffer one validated event (or drop it by its type's sample rate). Never blocks."""

@@ -5,7 +5,8 @@ Periodic work (flush, cleanup, snapshot, gauges) runs from `maintain()`, called 
 single loop that the service starts on its first call, so a restarted actor resumes it
 without anyone having to remember to. Calls made while earlier ones are in flight leave
 together as one `call_many` round trip (`CallBatcher`): on a loaded front-end, submitting
-a Ray call costs more CPU than the call does.
+a Ray call costs more CPU than the call does. A write nobody waits for may linger a moment
+to ride with the next call to its replica.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar, cast
 
 import psutil
 from pydantic import BaseModel
@@ -26,6 +27,8 @@ from actors import metrics
 Clock = Callable[[], float]
 #: one call of a batch: positional arguments of the method
 CallArgs = tuple[Any, ...]
+#: one call of a mixed batch: the method's name and its positional arguments
+NamedCall = tuple[str, CallArgs]
 #: a Ray actor handle (its methods are looked up by name, so Ray gives them no static type)
 Handle = Any
 P = ParamSpec("P")
@@ -104,17 +107,23 @@ class Service:
     async def flush(self) -> None:
         """Make everything the service holds durable (called on shutdown)."""
 
-    async def call_many(self, method: str, calls: Sequence[CallArgs]) -> list[tuple[bool, Any]]:
-        """Run `method` once per argument tuple, concurrently and started in order; one
+    async def call_many(self, calls: Sequence[NamedCall]) -> list[tuple[bool, Any]]:
+        """Run each `(method, args)` call, concurrently and started in order; one
         `(True, result)` or `(False, exception)` per call, so one bad call fails alone.
 
         Raises:
-            ValueError: `method` is not a public coroutine method of this service.
+            ValueError: a method is not a public coroutine method of this service.
         """
-        fn = getattr(self, method, None) if not method.startswith("_") else None
-        if fn is None or method in _NOT_BATCHABLE or not asyncio.iscoroutinefunction(fn):
-            raise ValueError(f"{type(self).__name__} has no batchable method {method!r}")
-        outcomes = await asyncio.gather(*(fn(*args) for args in calls), return_exceptions=True)
+        methods: dict[str, Callable[..., Awaitable[Any]]] = {}
+        for method, _ in calls:
+            if method not in methods:
+                fn = getattr(self, method, None) if not method.startswith("_") else None
+                if fn is None or method in _NOT_BATCHABLE or not asyncio.iscoroutinefunction(fn):
+                    raise ValueError(f"{type(self).__name__} has no batchable method {method!r}")
+                methods[method] = fn
+        outcomes = await asyncio.gather(
+            *(methods[method](*args) for method, args in calls), return_exceptions=True
+        )
         return [(not isinstance(o, BaseException), o) for o in outcomes]
 
     async def ping(self) -> str:
@@ -156,6 +165,8 @@ class CallBatcher:
     made meanwhile wait and leave together when one returns. So an idle front-end adds
     no delay, and a loaded one pays one round trip for many calls (the client-side twin
     of a group commit). Calls leave in arrival order and the actor starts them in order.
+    A call submitted with a `linger` does not start a round trip itself: it leaves with
+    the next call that does, or after `linger` seconds.
     """
 
     def __init__(
@@ -172,20 +183,35 @@ class CallBatcher:
         self.max_batch = max_batch
         self._queue: list[tuple[CallArgs, asyncio.Future[Any]]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._lingering: asyncio.TimerHandle | None = None
         self.calls = 0
         self.batches = 0
 
-    async def submit(self, args: CallArgs) -> Any:
-        """The call's result, or the exception it raised (or `ServiceUnavailable`)."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    async def submit(self, args: CallArgs, linger: float | None = None) -> Any:
+        """The call's result, or the exception it raised (or `ServiceUnavailable`). With
+        `linger`, the call waits up to that many seconds for another to leave with."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((args, future))
         self.calls += 1
-        if len(self._in_flight) < self.max_in_flight:
+        if linger is not None:
+            if self._lingering is None:
+                self._lingering = loop.call_later(linger, self._linger_over)
+        elif len(self._in_flight) < self.max_in_flight:
             self._launch()
         # a cancelled caller's call may still run (as a cancelled single call could)
         return await future
 
+    def _linger_over(self) -> None:
+        self._lingering = None
+        if self._queue and len(self._in_flight) < self.max_in_flight:
+            self._launch()
+
     def _launch(self) -> None:
+        if self._lingering is not None and len(self._queue) <= self.max_batch:
+            # what lingered leaves now
+            self._lingering.cancel()
+            self._lingering = None
         batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         self.batches += 1
         task = asyncio.get_running_loop().create_task(self._run(batch))
@@ -235,8 +261,13 @@ class ShardedClient:
     #: Ray to notice a dead node and restart the actor elsewhere
     retry_seconds: float = 30.0
 
-    #: batched round trips in flight per actor and method (see `CallBatcher`)
+    #: batched round trips in flight per actor and lane (see `CallBatcher`)
     default_max_in_flight: int = 2
+    #: method -> the lane its batched calls share round trips with (by default its own):
+    #: a method the actor answers without waiting may ride with a read's round trip
+    batch_lanes: ClassVar[dict[str, str]] = {}
+    #: how long a write sent with `_background` waits for a call to ride with
+    linger_seconds: float = 0.05
 
     def __init__(self, handles: Sequence[Handle], *, max_in_flight: int | None = None) -> None:
         if not handles:
@@ -245,6 +276,8 @@ class ShardedClient:
         self.max_in_flight = max_in_flight or self.default_max_in_flight
         self._batchers: dict[tuple[int, str], CallBatcher] = {}
         self._batch_loop: asyncio.AbstractEventLoop | None = None
+        #: Ray calls made (a batch is one), retries not counted
+        self.ray_calls = 0
 
     def handle_for(self, key: str) -> Handle:
         from actors.sharding import pick
@@ -263,8 +296,13 @@ class ShardedClient:
         from actors.errors import ServiceUnavailable
 
         name = method.__name__
-        # a batch of calls is as idempotent as the method it repeats
-        retryable = (args[0] if name == "call_many" and args else name) in self.idempotent_methods
+        self.ray_calls += 1
+        # a batch of calls is as idempotent as the methods it carries
+        if name == "call_many" and args:
+            batch = cast(Sequence[NamedCall], args[0])
+            retryable = all(called in self.idempotent_methods for called, _ in batch)
+        else:
+            retryable = name in self.idempotent_methods
         deadline: float | None = None
         delay = 0.05
         while True:
@@ -285,26 +323,60 @@ class ShardedClient:
         (positional arguments only: a batch carries argument tuples)."""
         if kwargs:
             raise TypeError("batched calls take positional arguments only")
+        result: R = await self._batcher(handle, method.__name__).submit((method.__name__, args))
+        return result
+
+    async def _background(
+        self, handle: Handle, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """`_batched(handle, method, *args)` for a write nobody waits for: it leaves with
+        the next call in its lane, or after `linger_seconds`, so it seldom costs a round
+        trip of its own."""
+        if kwargs:
+            raise TypeError("batched calls take positional arguments only")
+        name = method.__name__
+        result: R = await self._batcher(handle, name).submit((name, args), self.linger_seconds)
+        return result
+
+    def _batcher(self, handle: Handle, method: str) -> CallBatcher:
         loop = asyncio.get_running_loop()
         if loop is not self._batch_loop:
             # futures belong to one loop: a client reused from another loop starts afresh
             self._batchers, self._batch_loop = {}, loop
-        name = method.__name__
-        slot = (id(handle), name)
+        slot = (id(handle), self.batch_lanes.get(method, method))
         batcher = self._batchers.get(slot)
         if batcher is None:
 
             async def send(calls: list[CallArgs]) -> list[tuple[bool, Any]]:
-                return await self._call(handle, Service.call_many, name, calls)
+                return await self._send_batch(handle, cast(list[NamedCall], calls))
 
             batcher = self._batchers[slot] = CallBatcher(send, max_in_flight=self.max_in_flight)
-        result: R = await batcher.submit(args)
-        return result
+        return batcher
+
+    async def _send_batch(self, handle: Handle, calls: list[NamedCall]) -> list[tuple[bool, Any]]:
+        """One `call_many` round trip. A batch mixing reads and writes is not sent again
+        when its replica died mid-call (a write in it may have been applied), so its reads
+        are then sent again on their own, retried as any read is; its writes fail with
+        `ServiceUnavailable`, which a background write retries."""
+        from actors.errors import ServiceUnavailable
+
+        try:
+            return await self._call(handle, Service.call_many, calls)
+        except ServiceUnavailable as exc:
+            reads = [i for i, (method, _) in enumerate(calls) if method in self.idempotent_methods]
+            if not reads or len(reads) == len(calls):
+                raise
+            outcomes: list[tuple[bool, Any]] = [(False, exc)] * len(calls)
+            again = await self._call(handle, Service.call_many, [calls[i] for i in reads])
+            for i, outcome in zip(reads, again, strict=True):
+                outcomes[i] = outcome
+            return outcomes
 
     def batching(self) -> dict[str, int]:
-        """Calls made through `_batched` and the round trips that carried them."""
-        calls = sum(b.calls for b in self._batchers.values())
-        return {"calls": calls, "round_trips": sum(b.batches for b in self._batchers.values())}
+        """Service calls made (batched or not) and the Ray round trips that carried them."""
+        batched = sum(b.calls for b in self._batchers.values())
+        batches = sum(b.batches for b in self._batchers.values())
+        return {"calls": self.ray_calls - batches + batched, "round_trips": self.ray_calls}
 
     async def _call_all(self, method: Method[P, R], /, *args: P.args, **kwargs: P.kwargs) -> list[R]:
         """`method` on every replica, concurrently; results in replica order."""

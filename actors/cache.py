@@ -549,8 +549,23 @@ class CacheClient(ShardedClient):
     async def contains_many(self, keys: Sequence[str]) -> list[bool]:
         return await self._per_shard(ResponseCache.contains_many, keys)
 
-    async def set(self, key: str, value: str, scope: str, user: str | None, ttl: float | None = None) -> bool:
-        return await self._batched(self.handle_for(key), ResponseCache.set, key, value, scope, user, ttl)
+    #: the cache stores a value without waiting, so a set may ride with a get's round trip
+    batch_lanes = {"set": "get"}
+
+    async def set(
+        self,
+        key: str,
+        value: str,
+        scope: str,
+        user: str | None,
+        ttl: float | None = None,
+        *,
+        background: bool = False,
+    ) -> bool:
+        """Store `value` under `key`. `background`: nobody waits for it, so it rides with
+        the shard's next get (or leaves after `linger_seconds`)."""
+        send = self._background if background else self._batched
+        return await send(self.handle_for(key), ResponseCache.set, key, value, scope, user, ttl)
 
     async def set_many(
         self, items: Sequence[tuple[str, str, str, str | None]], ttl: float | None = None

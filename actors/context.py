@@ -960,9 +960,17 @@ class ContextClient(ShardedClient):
     #: a reply-link lookup is a read: retried while its replica restarts
     idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona", "profile"}
 
-    async def append(self, scope: str, user: str, turns: list[Turn]) -> int:
+    #: writes share the builds' round trips: a build that leaves with an append of its own
+    #: conversation starts after it, so it sees the turns (the store commits without delay)
+    batch_lanes = {"append": "build", "record_interaction": "build"}
+
+    async def append(self, scope: str, user: str, turns: list[Turn], *, background: bool = False) -> int:
+        """Add turns to the (scope, user) conversation; returns its new version once durable.
+        `background`: nobody waits for it, so it rides with the shard's next build (or
+        leaves after `linger_seconds`)."""
         key = conversation_key(scope, user)
-        return await self._batched(self.handle_for(key), ContextStore.append, scope, user, turns)
+        send = self._background if background else self._batched
+        return await send(self.handle_for(key), ContextStore.append, scope, user, turns)
 
     async def build(self, scope: str, user: str, server: str | None = None) -> BuiltContext:
         """The context for (scope, user); with `server`, plus the user's social line there.
@@ -996,13 +1004,22 @@ class ContextClient(ShardedClient):
 
     async def profile(self, server: str) -> tuple[str, str]:
         """`server`'s persona and model ("" for none), in one call."""
-        return await self._call(self.handle_for(graph_key(server)), ContextStore.profile, server)
+        return await self._batched(self.handle_for(graph_key(server)), ContextStore.profile, server)
 
     async def record_interaction(
-        self, server: str, user: str, mentions: list[str], reply_to: str | None = None
+        self,
+        server: str,
+        user: str,
+        mentions: list[str],
+        reply_to: str | None = None,
+        *,
+        background: bool = False,
     ) -> int:
+        """Count `user`'s mentions of and reply to others in `server`'s graph; `background`
+        as for `append`."""
         owner = self.handle_for(graph_key(server))
-        return await self._batched(owner, ContextStore.record_interaction, server, user, mentions, reply_to)
+        send = self._background if background else self._batched
+        return await send(owner, ContextStore.record_interaction, server, user, mentions, reply_to)
 
     async def link_replies(self, scope: str, user: str, message_ids: list[str]) -> int:
         """Links live with their conversation, on its shard."""

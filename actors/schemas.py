@@ -60,6 +60,8 @@ class ChatReply(BaseModel):
     tokens_out: int = 0
     latency_ms: float = 0.0
     llm_ms: float = 0.0
+    #: of `llm_ms`, the upstream call's own time as the LLM gateway measured it (0: not known)
+    upstream_ms: float = 0.0
 
 
 class Turn(BaseModel):

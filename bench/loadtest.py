@@ -1,6 +1,11 @@
 """The load test: N simulated users against the real pipeline on Ray, then the same load
 against the naive "before" pipeline, in one command, with every figure as a ratio.
 
+raycord runs as production does: the LLM in the `LLMGateway` actor, reached through
+`GatewayClient`. A reply's overhead is its latency minus the upstream call's own time as
+the gateway measured it (so the gateway's queue and the Ray round trip to it count as
+overhead); the naive pipeline's is its latency minus its in-process LLM call.
+
 `python -m bench.loadtest` and `python -m bench.loadtest` run it; results go to
 bench/results/<name>.json, <name>.md and <name>.png (BENCHMARKS.md quotes them).
 """
@@ -13,9 +18,10 @@ import itertools
 import os
 import random
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +36,7 @@ from bench import floors
 from bench.common import RESULTS_DIR, percentile, write_results
 from bench.naive import NaivePipeline
 from bot.config import Settings
-from bot.llm.base import LLM
+from bot.llm.gateway import GatewayClient, GatewayStats, GeminiLLM
 from bot.status import process_memory
 
 # a 1x1 PNG: what the 10% of messages with an image carry
@@ -51,6 +57,9 @@ class LoadConfig:
     ramp_up: float = 5.0
     llm_latency: float = 0.3
     llm_concurrency: int = 64
+    #: raycord's LLM gateway replicas (`llm.replicas`): the SDK's CPU is theirs, one event
+    #: loop each, so one replica bounds a closed loop's throughput
+    llm_replicas: int = 1
     #: mean pause between a user's reply and their next message (0 = closed loop)
     think: float = 0.0
     prompts: int = 300
@@ -99,6 +108,11 @@ class RunResult:
     tokens_in: int = 0
     #: CPU seconds each process spent during the run, and the whole machine's busy seconds
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: the driver's CPU seconds by thread: its event loop (the pipeline's Python) apart
+    #: from the threads Ray runs in it
+    driver_threads: dict[str, float] = field(default_factory=dict)
+    #: the pipeline's per-stage latencies (ms), as its `stage_latency_ms` histogram saw them
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ok = [s for s in self.samples if s.ok]
@@ -156,6 +170,20 @@ class RunResult:
             }
             if ok
             else {},
+            "driver_cpu_ms_per_reply_by_thread": {
+                name: 1000 * seconds / len(ok) for name, seconds in self.driver_threads.items()
+            }
+            if ok
+            else {},
+            # where a reply's time goes, stage by stage (a stage a reply skips, as a cache
+            # hit skips the LLM, has fewer samples than there are replies)
+            "stage_latency_ms": {
+                stage: {
+                    "count": len(values),
+                    **{q: percentile(values, int(q[1:])) for q in ("p50", "p95", "p99")},
+                }
+                for stage, values in sorted(self.stages.items())
+            },
         }
 
 
@@ -196,12 +224,38 @@ class Workload:
 SHARES_EVERY = 5
 
 
-async def _sample_rss(
+class MemorySampler(threading.Thread):
+    """Samples each process's memory every `every` seconds, in a thread of its own: reading
+    PSS walks page tables, which is the load test's work, not the pipeline's, so the
+    thread's CPU is taken out of the driver's and shown apart."""
+
+    def __init__(
+        self,
+        pids: dict[str, int],
+        out: list[tuple[float, dict[str, int]]],
+        every: float,
+        t0: float,
+        shares: list[tuple[float, dict[str, tuple[int, int]]]],
+    ) -> None:
+        super().__init__(name="loadtest-memory-sampler", daemon=True)
+        self.args = (pids, out, every, t0, shares)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        _sample_memory(*self.args, self.stopped)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def _sample_memory(
     pids: dict[str, int],
     out: list[tuple[float, dict[str, int]]],
     every: float,
     t0: float,
     shares: list[tuple[float, dict[str, tuple[int, int]]]],
+    stopped: threading.Event,
 ) -> None:
     for sample in itertools.count():
         snap: dict[str, int] = {}
@@ -220,12 +274,46 @@ async def _sample_rss(
         out.append((now, snap))
         if full:
             shares.append((now, share))
-        await asyncio.sleep(every)
+        if stopped.wait(every):
+            return
 
 
 def _busy_seconds() -> float:
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """This process's threads: {thread id: (name, CPU seconds)}; the calling thread, which
+    runs the event loop, is "event loop"."""
+    me = psutil.Process()
+    loop_thread = threading.get_native_id()
+    seconds: dict[int, tuple[str, float]] = {}
+    for thread in me.threads():
+        if thread.id == loop_thread:
+            name = "event loop"
+        else:
+            try:
+                name = Path(f"/proc/{me.pid}/task/{thread.id}/comm").read_text().strip()
+            except OSError:
+                name = "other"
+        seconds[thread.id] = (name, thread.user_time + thread.system_time)
+    return seconds
+
+
+def _thread_split(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], sampler: int | None
+) -> tuple[dict[str, float], float]:
+    """({thread name: CPU seconds between the snapshots}, the memory sampler's seconds)."""
+    by_name: dict[str, float] = {}
+    sampling = 0.0
+    for tid, (name, seconds) in after.items():
+        spent = seconds - before.get(tid, (name, 0.0))[1]
+        if tid == sampler:
+            sampling = spent
+        else:
+            by_name[name] = by_name.get(name, 0.0) + spent
+    return by_name, sampling
 
 
 def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -269,8 +357,9 @@ async def drive(
             try:
                 reply = await pipeline.handle(msg)
                 took = time.perf_counter() - start
+                llm_ms = reply.upstream_ms or reply.llm_ms
                 result.samples.append(
-                    Sample(start - t0, took, max(took - reply.llm_ms / 1000, 0.0), True, reply.cached, kind)
+                    Sample(start - t0, took, max(took - llm_ms / 1000, 0.0), True, reply.cached, kind)
                 )
             except RaycordError as exc:
                 result.samples.append(
@@ -294,15 +383,21 @@ async def drive(
             await asyncio.sleep(1)
             bar.update(1)
 
-    sampler = asyncio.create_task(_sample_rss(pids, result.rss, cfg.sample_every, t0, result.shares))
     tick = asyncio.create_task(ticker())
+    sampler = MemorySampler(pids, result.rss, cfg.sample_every, t0, result.shares)
+    sampler.start()
     cpu_before = _cpu_snapshot({**pids, **(cpu_only or {})})
+    threads_before = _thread_cpu()
     await asyncio.gather(*(user(i) for i in range(cfg.users)))
     result.elapsed = time.perf_counter() - t0 - cfg.ramp_up * 0.5
     cpu_after = _cpu_snapshot({**pids, **(cpu_only or {})})
+    threads_after = _thread_cpu()
+    sampler.stop()
+    result.driver_threads, sampling = _thread_split(threads_before, threads_after, sampler.native_id)
     result.cpu_seconds = {k: cpu_after[k] - v for k, v in cpu_before.items() if k in cpu_after}
-    for task in (sampler, tick):
-        task.cancel()
+    result.cpu_seconds["driver"] -= sampling
+    result.cpu_seconds["load-test memory sampler, in the driver"] = sampling
+    tick.cancel()
     if bar is not None:
         bar.close()
     return result
@@ -335,9 +430,8 @@ async def fake_gemini(latency: float) -> AsyncIterator[tuple[str, int]]:
         await asyncio.wait_for(proc.wait(), 10)
 
 
-def gemini_llm(url: str, concurrency: int) -> LLM:
+def gemini_llm(url: str, concurrency: int) -> GeminiLLM:
     from bot.config import LLMSettings
-    from bot.llm.gemini import GeminiLLM
 
     settings = Settings(
         dashboard=False,
@@ -348,13 +442,20 @@ def gemini_llm(url: str, concurrency: int) -> LLM:
     return GeminiLLM(settings)
 
 
-def llm_counts(llm: Any) -> tuple[int, int]:
-    """(upstream calls, requests answered by another request's call)."""
-    stats = llm.stats()
-    return stats.upstream_calls, stats.coalesced
+def llm_counts(stats: Sequence[GatewayStats]) -> tuple[int, int, int]:
+    """(upstream calls, requests answered by another request's call, prompt tokens sent),
+    summed over the gateway's replicas."""
+    return (
+        sum(s.upstream_calls for s in stats),
+        sum(s.coalesced for s in stats),
+        sum(s.tokens_in for s in stats),
+    )
 
 
-def load_settings(state_dir: Path) -> Settings:
+def load_settings(state_dir: Path, url: str, concurrency: int, replicas: int = 1) -> Settings:
+    """raycord's settings for the run: limits no user reaches, the LLM gateway on `url`."""
+    from bot.config import LLMSettings
+
     generous = WindowLimits(minute=100_000, hour=1_000_000, day=10_000_000)
     return Settings(
         state_dir=state_dir,
@@ -363,12 +464,8 @@ def load_settings(state_dir: Path) -> Settings:
         discord_token=None,
         gemini_api_key=None,
         ratelimit=RateLimitConfig(message=generous, command=generous),
+        llm=LLMSettings(backend="gemini", base_url=url, max_concurrency=concurrency, replicas=replicas),
     )
-
-
-def _sdk_pids(llm: Any) -> dict[str, int]:
-    """The Gemini backend's SDK processes, where the SDK's CPU and memory are."""
-    return {f"gemini-sdk-{i}": pid for i, pid in enumerate(llm.sdk_pids())}
 
 
 async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
@@ -376,10 +473,11 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
 
     results: dict[str, RunResult] = {}
     async with fake_gemini(cfg.llm_latency) as (url, server_pid):
-        llm = gemini_llm(url, cfg.llm_concurrency)
-        runtime = Runtime(load_settings(state_dir / "raycord"), llm=llm)
+        # as production runs it: the gateway actor owns the SDK, the pipeline holds a client
+        runtime = Runtime(load_settings(state_dir / "raycord", url, cfg.llm_concurrency, cfg.llm_replicas))
         pipeline = await runtime.start(num_cpus=2, include_dashboard=False)
-        pids = {"driver": os.getpid(), **_sdk_pids(llm)}
+        pipeline.stage_samples = {}
+        pids = {"driver": os.getpid()}
         cpu_only = {"fake-gemini": server_pid}
         for name, handles in runtime.handles.items():
             for i, h in enumerate(handles):
@@ -388,9 +486,10 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         try:
             ours = await drive(pipeline, cfg, "raycord", pids, cpu_only)
             ours.empty_call_ms = empty_call_ms
+            ours.stages = pipeline.stage_samples
             await runtime.flush()
-            ours.llm_calls, ours.coalesced = llm_counts(llm)
-            ours.tokens_in = llm.stats().tokens_in
+            gateway = runtime.client("llm", GatewayClient)
+            ours.llm_calls, ours.coalesced, ours.tokens_in = llm_counts(await gateway.stats())
             ours.db_writes, ours.stores = await _service_writes(runtime)
             ours.file_writes_by_service = {name: io["commits"] for name, io in ours.stores.items()}
             ours.file_writes = sum(io["commits"] for io in ours.stores.values())
@@ -406,12 +505,9 @@ async def run_async(cfg: LoadConfig, state_dir: Path) -> dict[str, Any]:
         naive_llm = gemini_llm(url, cfg.llm_concurrency)
         naive = NaivePipeline(state_dir / "naive", naive_llm, per_minute=100_000)
         try:
-            await naive_llm.start()  # type: ignore[attr-defined]
-            before = await drive(
-                naive, cfg, "naive", {"driver": os.getpid(), **_sdk_pids(naive_llm)}, cpu_only
-            )
-            before.llm_calls, before.coalesced = llm_counts(naive_llm)
-            before.tokens_in = naive_llm.stats().tokens_in
+            # the naive pipeline's LLM is the gateway in its own process, SDK included
+            before = await drive(naive, cfg, "naive", {"driver": os.getpid()}, cpu_only)
+            before.llm_calls, before.coalesced, before.tokens_in = llm_counts([naive_llm.stats()])
             before.db_writes, before.file_writes = naive.db_writes, naive.file_writes
             # the naive limiter fsyncs its file on every write; its context lives in memory
             before.file_syncs = naive.file_writes
@@ -521,7 +617,12 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         f"`{command}`",
         "",
         f"{cfg.users} users, {cfg.duration:.0f} s after a {cfg.ramp_up:.0f} s ramp-up, LLM latency "
-        f"{cfg.llm_latency * 1000:.0f} ms, think time {cfg.think:.2f} s; 70% chat, 20% /ask, 10% images.",
+        f"{cfg.llm_latency * 1000:.0f} ms, think time {cfg.think:.2f} s; 70% chat, 20% /ask, 10% images; "
+        f"raycord's LLM gateway in {cfg.llm_replicas} actor(s).",
+        "",
+        "Overhead excluding the LLM: raycord's is a reply's latency minus the upstream call's own "
+        "time as the gateway measured it (the gateway's queue and the round trip to it count); the "
+        "naive pipeline's is its latency minus its in-process LLM call.",
         "",
         "| figure | raycord | naive | ratio |",
         "|---|---|---|---|",
@@ -572,6 +673,11 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
             f"| CPU per reply, {proc} (ms) | {'-' if a is None else f'{a:.1f}'} | "
             f"{'-' if b is None else f'{b:.1f}'} | - |"
         )
+    threads = ours.get("driver_cpu_ms_per_reply_by_thread", {})
+    for thread, ms in sorted(threads.items(), key=lambda item: -item[1]):
+        if ms >= 0.05:
+            lines.append(f"| CPU per reply, driver thread {thread} (ms) | {ms:.2f} | - | - |")
+    lines += stage_rows(ours.get("stage_latency_ms", {}))
     lines += [
         "",
         f"Throughput {ratios['throughput_x']:.2f}x the naive pipeline; p95 latency ratio "
@@ -579,6 +685,33 @@ def markdown(name: str, cfg: LoadConfig, summary: dict[str, Any], command: str) 
         "",
     ]
     return "\n".join(lines)
+
+
+#: what each of the pipeline's stages covers, in the order a message meets them
+STAGES = {
+    "validate": "the message checked and normalized",
+    "admit": "rate-limit check and context build (a stateless command's cache get with them)",
+    "cache": "cache get, for a message with context",
+    "attachments": "attachments checked and prepared",
+    "llm": "the LLM call as the pipeline waits for it",
+    "upstream": "of which the upstream call, as the gateway measured it",
+    "llm_transport": "of which the gateway's queue and the round trip to it",
+    "reply": "background writes submitted, the reply built",
+    "record": "metrics and the analytics event, after the reply is built",
+}
+
+
+def stage_rows(stages: dict[str, dict[str, float]]) -> list[str]:
+    """Where a raycord reply's time goes: rows of the pipeline's `stage_latency_ms` stages
+    (a stage a reply skips, as a cache hit skips the LLM, has fewer samples than replies)."""
+    order = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))
+    return [
+        f"| stage {stage} ({STAGES.get(stage, 'not described')}; {figures['count']} samples): "
+        f"p50 / p95 / p99 (ms) | {figures['p50']:.2f} / {figures['p95']:.2f} / {figures['p99']:.2f} "
+        "| - | - |"
+        for stage in order
+        if (figures := stages[stage])
+    ]
 
 
 def run(
@@ -617,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-up", type=float, default=5.0)
     parser.add_argument("--llm-latency", type=float, default=0.3, help="seconds")
     parser.add_argument("--think", type=float, default=0.0, help="mean seconds between a user's messages")
+    parser.add_argument(
+        "--llm-replicas", type=int, default=1, help="raycord's LLM gateway replicas (llm.replicas)"
+    )
     parser.add_argument("--name", help="results name (default from users and latency)")
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     args = parser.parse_args(argv)
@@ -628,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         ramp_up=args.ramp_up,
         llm_latency=args.llm_latency,
         think=args.think,
+        llm_replicas=args.llm_replicas,
     )
     print(
         markdown(

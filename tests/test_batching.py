@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
 
 from actors.base import CallArgs, CallBatcher
+from actors.cache import CacheClient
+from actors.context import ContextClient
 from actors.errors import ServiceUnavailable
+from actors.schemas import Turn
 from bot.runtime import Runtime
 
 
@@ -97,6 +101,27 @@ async def test_a_cancelled_caller_leaves_the_others_their_answer() -> None:
     assert isinstance(outcomes[1], asyncio.CancelledError)
 
 
+@pytest.mark.asyncio
+async def test_a_lingering_call_rides_with_the_next_call_in_order() -> None:
+    rec = Recorder()
+    batcher = CallBatcher(rec.send, max_in_flight=2)
+    # a linger longer than any test: only the next call can take it along
+    lingering = asyncio.ensure_future(batcher.submit((1,), linger=3600))
+    await asyncio.sleep(0)
+    assert rec.round_trips == []
+    assert await batcher.submit((2,)) == 20
+    assert await lingering == 10
+    assert [[a[0] for a in b] for b in rec.round_trips] == [[1, 2]]
+
+
+@pytest.mark.asyncio
+async def test_a_lingering_call_with_no_company_leaves_on_its_own() -> None:
+    rec = Recorder()
+    batcher = CallBatcher(rec.send, max_in_flight=2)
+    assert await batcher.submit((3,), linger=0.001) == 30
+    assert [[a[0] for a in b] for b in rec.round_trips] == [[3]]
+
+
 def test_bounds_are_validated() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CallBatcher(Recorder().send, max_in_flight=0)
@@ -125,4 +150,55 @@ async def test_call_many_refuses_what_is_not_a_public_service_method(runtime: Ru
     handle = runtime.handles["cache"][0]
     for method in ("_insert", "call_many", "close", "no_such_method"):
         with pytest.raises(ValueError, match="no batchable method"):
-            await handle.call_many.remote(method, [()])
+            await handle.call_many.remote([(method, ())])
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_a_background_cache_set_rides_with_the_next_get_which_sees_it(runtime: Runtime) -> None:
+    cache = runtime.client("cache", CacheClient)
+    key = f"ride-{uuid.uuid4().hex}"
+    before = cache.batching()
+    stored, found = await asyncio.gather(
+        cache.set(key, "the reply", "global", None, background=True), cache.get(key, "global")
+    )
+    after = cache.batching()
+    assert stored is True and found == "the reply"
+    assert (after["calls"] - before["calls"], after["round_trips"] - before["round_trips"]) == (2, 1)
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_one_round_trip_carries_calls_of_several_methods(runtime: Runtime) -> None:
+    handle = runtime.handles["cache"][0]
+    key = f"mixed-{uuid.uuid4().hex}"
+    outcomes = await handle.call_many.remote(
+        [
+            ("set", (key, "v", "global", None, None)),
+            ("get", (key, "global")),
+            ("set", ("", "v", "global", None, None)),
+        ]
+    )
+    assert [ok for ok, _ in outcomes] == [True, True, False]
+    assert outcomes[1][1] == "v"
+    assert isinstance(outcomes[2][1], ValueError)
+
+
+@pytest.mark.ray
+@pytest.mark.asyncio
+async def test_a_background_append_rides_with_the_next_build_which_sees_its_turns(
+    runtime: Runtime, user: str
+) -> None:
+    context = runtime.client("context", ContextClient)
+    scope = f"channel:ride-{uuid.uuid4().hex[:8]}"
+    turns = [
+        Turn(role="user", author=user, text="remember the blue door", time=1.0),
+        Turn(role="model", author="raycord", text="noted", time=1.0),
+    ]
+    before = context.batching()
+    _, built = await asyncio.gather(
+        context.append(scope, user, turns, background=True), context.build(scope, user)
+    )
+    after = context.batching()
+    assert [t[2] for t in built.turns][-2:] == ["remember the blue door", "noted"]
+    assert (after["calls"] - before["calls"], after["round_trips"] - before["round_trips"]) == (2, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,12 @@ async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
     assert {"driver", "context-0", "ratelimit-0"} <= set(by_process)
     assert all(0 < m["uss"] <= m["pss"] and m["rss"] > 0 for m in by_process.values())
     assert 0 < ours["uss_peak_mb"] <= ours["pss_peak_mb"]
+    # raycord runs as production does, the LLM in the gateway actor
+    assert "llm-0" in ours["cpu_ms_per_reply"]
+    assert ours["cpu_ms_per_reply"]["load-test memory sampler, in the driver"] >= 0
+    assert ours["driver_cpu_ms_per_reply_by_thread"]["event loop"] > 0
+    assert ours["service_calls_per_reply"] >= ours["round_trips_per_reply"] > 0
+    _check_stages(ours)
     doc = json.loads((tmp_path / "smoke.json").read_text())
     assert doc["results"]["config"]["users"] == 5
     report = (tmp_path / "smoke.md").read_text().splitlines()
@@ -52,4 +59,27 @@ async def test_the_tiny_load_test_runs_both_pipelines_and_writes_its_report(
     assert report[2].startswith("**INVALID run**" if doc["valid"] is False else "Valid run")
     assert doc["valid"] == summary["floors"]["valid"]
     assert "peak PSS, all processes" in "\n".join(report)
+    assert any(line.startswith("| stage admit (") for line in report)
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def _check_stages(ours: dict[str, Any]) -> None:
+    """The per-stage figures are there and agree with the whole: every reply passes
+    validation, admission and recording; a stage inside a reply never outlasts it."""
+    stages = ours["stage_latency_ms"]
+    replies = ours["requests"] - ours["errors"]
+    expected = {"validate", "admit", "cache", "llm", "upstream", "llm_transport", "reply", "record"}
+    assert expected <= set(stages)
+    for stage in ("validate", "admit", "record"):
+        assert stages[stage]["count"] == replies
+    # a miss goes upstream, a hit does not; each upstream call is inside its LLM stage
+    assert stages["llm"]["count"] == stages["upstream"]["count"] == stages["llm_transport"]["count"]
+    assert stages["llm"]["count"] == replies - round(ours["cache_hit_rate"] * replies)
+    for figures in stages.values():
+        assert 0 <= figures["p50"] <= figures["p95"] <= figures["p99"]
+        assert figures["count"] <= replies
+    # the admit stage is part of every reply: its percentiles lie under the replies'
+    assert stages["admit"]["p50"] <= ours["latency_ms"]["p50"]
+    assert stages["admit"]["p99"] <= ours["latency_ms"]["p99"]
+    assert stages["upstream"]["p50"] <= stages["llm"]["p50"]
+    assert ours["overhead_ms"]["p50"] <= ours["latency_ms"]["p50"]

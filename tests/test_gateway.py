@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from actors.errors import InputRejected
 from bot.config import LLMSettings, ModelQuota, QuotaSettings, Settings
 from bot.llm import LLMRequest
-from bot.llm.base import GatewayBusy, UnknownModel
+from bot.llm.base import UPSTREAM_MS, GatewayBusy, UnknownModel
 from bot.llm.fake_server import FakeGemini, FakeGeminiConfig
 from bot.llm.gateway import GeminiLLM, LLMResult
 from bot.llm.quota import FairQueue, ModelLimits
@@ -173,6 +173,18 @@ async def test_the_token_count_is_corrected_from_usage_metadata(make_llm: MakeLL
     result = await llm.generate(LLMRequest(prompt="a " * 400, model="gemini-2.5-flash"))
     # estimated from 800 characters (~200 tokens), counted by the server as 400 words
     assert llm.stats().quota_used["gemini-2.5-flash"][1] == result.tokens_in == 400
+
+
+@pytest.mark.asyncio
+async def test_a_result_says_how_long_its_upstream_call_took_within_the_callers_wait(
+    make_llm: MakeLLM,
+) -> None:
+    llm = make_llm()
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    result = await llm.generate(ask("how long?"))
+    waited_ms = (loop.time() - asked) * 1000
+    assert 0 < float(result.metadata[UPSTREAM_MS]) <= waited_ms
 
 
 @pytest.mark.asyncio

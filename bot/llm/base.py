@@ -45,6 +45,11 @@ class LLMRequest:
     note: str = ""
 
 
+#: `LLMResult.metadata` key: milliseconds the answering upstream call took, as the gateway
+#: measured it (the queue, retries before it and the transport back are not in it)
+UPSTREAM_MS = "upstream_ms"
+
+
 @dataclass(slots=True)
 class LLMResult:
     text: str

@@ -42,6 +42,7 @@ from actors.schemas import AnalyticsEvent
 from bot.attachments import AttachmentPolicy, check_inline_parts
 from bot.config import LLMSettings, Settings
 from bot.llm.base import (
+    UPSTREAM_MS,
     Backend,
     GatewayBusy,
     ImagePart,
@@ -459,6 +460,7 @@ class LLMGateway(Service):
             called_at = loop.time()
             try:
                 self.upstream_calls += 1
+                called_at = loop.time()
                 chunks = backend.call(model, request, images, flight.streamed)
                 async with contextlib.aclosing(chunks):
                     while True:
@@ -522,6 +524,9 @@ class LLMGateway(Service):
                 flight.push(note)
             offline = backend.name == "offline"
             result = reply.result(OFFLINE_MODEL if offline else model, backend.name, offline)
+            # the answering call's own time, so a caller can tell the upstream's share of its
+            # wait from the queue's, the gateway's and the transport's
+            result.metadata[UPSTREAM_MS] = f"{(loop.time() - called_at) * 1000:.3f}"
             if model != chain[0]:
                 result.metadata["fallback_from"] = chain[0]
             cost = self._account(request, result.model, chain[0], reply, (loop.time() - called_at) * 1000)
@@ -1033,6 +1038,7 @@ class GatewayClient(ShardedClient):
         import ray
         import ray.exceptions
 
+        self.ray_calls += 1
         generator = self._handle(request).stream.options(num_returns="streaming").remote(request)
         finished = False
         try:
@@ -1078,13 +1084,6 @@ class GeminiLLM:
 
     def stats(self) -> GatewayStats:
         return self.gateway.snapshot()
-
-    async def start(self) -> None:
-        """Nothing to start: the SDK's client is made on the first call."""
-
-    def sdk_pids(self) -> list[int]:
-        """No SDK process of its own: the SDK runs in this process."""
-        return []
 
     async def aclose(self) -> None:
         await self.gateway.close()
