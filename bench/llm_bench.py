@@ -499,8 +499,8 @@ async def workload_cost(server: FakeServerProcess, messages: int, users: int) ->
     writes are in, so each conversation grows as it would in a channel."""
     await server.admin("reset", {})
     with tempfile.TemporaryDirectory(prefix="llm-bench-cost-") as state:
-        settings = load_settings(Path(state))
-        settings = settings.model_copy(update={"llm": LLMSettings(base_url=server.url, model=MODEL)})
+        settings = load_settings(Path(state), server.url, concurrency=64)
+        settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"model": MODEL})})
         runtime = Runtime(settings)
         pipeline = await runtime.start()
         workload = Workload(LoadConfig())
