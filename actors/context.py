@@ -960,13 +960,14 @@ class ContextClient(ShardedClient):
     #: a reply-link lookup is a read: retried while its replica restarts
     idempotent_methods = ShardedClient.idempotent_methods | {"reply_scope", "persona", "profile"}
 
-    #: writes share the builds' round trips: a build that leaves with an append of its own
-    #: conversation starts after it, so it sees the turns (the store commits without delay)
-    batch_lanes = {"append": "build", "record_interaction": "build"}
+    # An append never shares a build's round trip: a round trip is answered when all its
+    # calls are, and an append is answered once durable, which the bot's commit delay holds
+    # back, so a build beside it would wait for the commit (the load test saw its admit
+    # stage stall for the delay). Writes linger in their own lane instead.
 
     async def append(self, scope: str, user: str, turns: list[Turn], *, background: bool = False) -> int:
         """Add turns to the (scope, user) conversation; returns its new version once durable.
-        `background`: nobody waits for it, so it rides with the shard's next build (or
+        `background`: nobody waits for it, so it rides with the shard's next append (or
         leaves after `linger_seconds`)."""
         key = conversation_key(scope, user)
         send = self._background if background else self._batched

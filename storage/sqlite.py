@@ -43,6 +43,8 @@ DURABILITY_INTERVAL = 1.0
 #: would run inside whichever commit crossed it, ten times as often, each time adding its
 #: syncs to one durability point's. Larger means rarer checkpoint syncs, a longer replay.
 CHECKPOINT_PAGES = 10_000
+#: a NORMAL-mode batch of up to this many statements commits on the event loop
+INLINE_STATEMENTS = 256
 #: what one checkpoint costs in syncs, as SQLite's wal.c makes them: the WAL before pages
 #: are copied and the database file after. The next write then starts a new log, whose
 #: header SQLite syncs on its own: counted with that write (`LOG_START_SYNCS`).
@@ -172,7 +174,9 @@ class BatchCommitter:
             if not batch.waiters:
                 continue
             try:
-                await asyncio.get_running_loop().run_in_executor(self._thread, self._commit, batch.statements)
+                if not self._commit_inline(batch.statements):
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(self._thread, self._commit, batch.statements)
             except Exception as exc:
                 for w in batch.waiters:
                     if not w.done():
@@ -186,6 +190,11 @@ class BatchCommitter:
     def _commit(self, statements: list[Statement]) -> None:
         """Run `statements` in one transaction (on the committer's thread)."""
         raise NotImplementedError
+
+    def _commit_inline(self, statements: list[Statement]) -> bool:
+        """Commit `statements` on the event loop when that is cheaper than two thread
+        hand-offs; True when done (by default never: the committer's thread commits)."""
+        return False
 
     @property
     def unsynced(self) -> int:
@@ -253,21 +262,39 @@ class GroupCommitter(BatchCommitter):
         if self._committed is not None:
             self._committed.set()
 
+    def _commit_inline(self, statements: list[Statement]) -> bool:
+        # With NORMAL a commit writes the WAL and syncs nothing, so a small batch costs less
+        # than the hand-off to the committer's thread and back; a FULL commit's fsync, the
+        # header sync of a new log, a big batch, or a batch meeting a durability point's
+        # sync (which holds the lock) stays off the loop.
+        if self.synchronous == "FULL" or self._log_start or len(statements) > INLINE_STATEMENTS:
+            return False
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._commit_locked(statements)
+        finally:
+            self._lock.release()
+        return True
+
     def _commit(self, statements: list[Statement]) -> None:
         with self._lock:
-            run_transaction(self.conn, statements)
-            self.commits += 1
-            self.statements += len(statements)
-            if not self._wal_file:
-                return
-            if self._log_start:
-                self.syncs += LOG_START_SYNCS
-                self._log_start = False
-            if self.synchronous == "FULL":
-                # SQLite fsyncs the WAL inside this COMMIT
-                self.syncs += 1
-            else:
-                self._unsynced += 1
+            self._commit_locked(statements)
+
+    def _commit_locked(self, statements: list[Statement]) -> None:
+        run_transaction(self.conn, statements)
+        self.commits += 1
+        self.statements += len(statements)
+        if not self._wal_file:
+            return
+        if self._log_start:
+            self.syncs += LOG_START_SYNCS
+            self._log_start = False
+        if self.synchronous == "FULL":
+            # SQLite fsyncs the WAL inside this COMMIT
+            self.syncs += 1
+        else:
+            self._unsynced += 1
 
     async def _durability_points(self) -> None:
         """One durability point per interval in which something was committed; none idle."""

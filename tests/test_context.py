@@ -411,34 +411,6 @@ async def test_context_survives_an_actor_kill_and_routes_the_graph_by_server(
         await rt.shutdown(kill_actors=True)
 
 
-@pytest.mark.asyncio
-async def test_a_build_riding_with_a_write_to_a_killed_actor_is_still_answered(
-    ray_session: None, tmp_path: Path
-) -> None:
-    rt = Runtime(make_settings(tmp_path))
-    try:
-        await rt.start()
-        client = rt.client("context", ContextClient)
-        user, scope = "grace", "chan-ride"
-        await client.append(scope, user, [Turn(role="user", author=user, text="kept", time=1.0)])
-        handle = rt.handles["context"][0]
-        os.kill(await _actor_pid(handle), signal.SIGKILL)
-        # one round trip carries both; a batch holding a write is not sent again as a whole
-        later = Turn(role="user", author=user, text="later", time=2.0)
-        written, built = await asyncio.gather(
-            client.append(scope, user, [later], background=True),
-            client.build(scope, user),
-            return_exceptions=True,
-        )
-        # the read is retried on its own until the store is back; the write was applied
-        # or refused as unavailable (a background write retries it), never lost silently
-        assert not isinstance(built, BaseException), built
-        assert texts(built.turns)[0] == "kept"
-        assert isinstance(written, int | ServiceUnavailable), written
-    finally:
-        await rt.shutdown(kill_actors=True)
-
-
 @both_backends
 @pytest.mark.asyncio
 async def test_every_acknowledged_turn_survives_a_sigkill_of_the_actor_mid_load(

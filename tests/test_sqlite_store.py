@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from storage.sqlite import CHECKPOINT_SYNCS, LOG_START_SYNCS, GroupCommitter, open_sqlite
+from storage.sqlite import CHECKPOINT_SYNCS, INLINE_STATEMENTS, LOG_START_SYNCS, GroupCommitter, open_sqlite
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -127,3 +128,27 @@ async def test_a_grown_wal_is_checkpointed_at_a_durability_point_and_its_syncs_a
 def test_an_unknown_sync_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="synchronous"):
         open_sqlite(tmp_path / "s.sqlite", SCHEMA, "OFF")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["NORMAL", "FULL"])
+async def test_a_small_normal_commit_runs_on_the_loop_and_a_syncing_or_big_one_on_the_thread(
+    tmp_path: Path, mode: str
+) -> None:
+    conn = open_sqlite(tmp_path / "s.sqlite", SCHEMA, mode)
+    committer = GroupCommitter(conn, durability_interval=3600)
+    threads: list[int] = []
+    # the thread each INSERT runs on (the first commit of a new log is left off the loop too)
+    conn.set_trace_callback(lambda sql: threads.append(threading.get_ident()) if "INSERT" in sql else None)
+    await committer.write([("INSERT INTO kv VALUES ('first', 0)", ())])
+    threads.clear()
+    await committer.write([("INSERT INTO kv VALUES ('small', 1)", ())])
+    small = set(threads)
+    threads.clear()
+    big = [("INSERT INTO kv VALUES (?, ?)", (f"k{i}", i)) for i in range(INLINE_STATEMENTS + 1)]
+    await committer.write(big)
+    loop_thread = threading.get_ident()
+    assert (small == {loop_thread}) == (mode == "NORMAL")
+    assert loop_thread not in threads
+    assert committer.read("SELECT count(*) FROM kv") == [(INLINE_STATEMENTS + 3,)]
+    committer.close()
