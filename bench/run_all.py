@@ -102,9 +102,7 @@ RUNS: tuple[Run, ...] = (
 
 #: per benchmark without a renderer in `bench.tables`, the parts of its result its table
 #: shows (every numeric leaf in them)
-TABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "llm_bench": ("speedup_vs_sequential", "single_call_ceiling_ratio", "cpu_per_call_ms", "workload_cost"),
-}
+TABLE_KEYS: dict[str, tuple[str, ...]] = {}
 
 
 def run_one(run: Run, tiny: bool, results_dir: Path) -> int:

@@ -363,7 +363,145 @@ def soak(r: dict[str, Any]) -> list[str]:
     return [*lines, "", *table(("figure", "value"), facts)]
 
 
+def llm_bench(r: dict[str, Any]) -> list[str]:
+    bounds = r.get("throughput_by_bound") or {}
+    seq = r.get("sequential_before") or {}
+    lines = table(
+        (
+            "gateway in process, concurrency bound",
+            "calls/s",
+            "share of bound ÷ latency",
+            "CPU per call (ms)",
+            "cores the rate needs",
+        ),
+        (
+            (
+                f"bound {b}",
+                fmt(t.get("calls_per_s")),
+                fmt(t.get("ratio_to_target")),
+                fmt(1000 * t["cpu_seconds"] / t["calls"]) if t.get("calls") else "-",
+                fmt(t.get("cores_needed_at_target")),
+            )
+            for b, t in bounds.items()
+        ),
+    )
+    same = r.get("identical_prompts") or {}
+    lag, idle = r.get("streaming_loop_lag") or {}, r.get("idle_loop_lag") or {}
+    facts: list[Sequence[Any]] = [
+        ("sequential awaits (the plan's before), calls/s", fmt(seq.get("calls_per_s"))),
+        (
+            "a new SDK client per call, CPU per call (ms)",
+            fmt(get(r, "cpu_per_call_ms", "naive_client_per_call")),
+        ),
+        (
+            "one call alone, share of the server's latency (ours / the bare SDK)",
+            pair(r.get("single_call_ceiling_ratio"), r.get("sdk_direct_ceiling_ratio")),
+        ),
+        (
+            "upstream calls per caller, 100 identical concurrent prompts (ours / a client per call)",
+            pair(
+                get(same, "upstream_calls_per_caller", "ours"),
+                get(same, "upstream_calls_per_caller", "naive_client_per_call"),
+            ),
+        ),
+        (
+            f"event-loop lag p99 with {fmt(lag.get('streams'))} streams at once / idle (ms)",
+            pair(get(lag, "lag", "p99_ms"), idle.get("p99_ms")),
+        ),
+    ]
+    lines += ["", *table(("figure", "value"), facts)]
+    quota = r.get("shared_quota") or {}
+    if quota:
+        lines += [
+            "",
+            *table(
+                (
+                    f"{fmt(quota.get('frontends'))} front-ends, {fmt(quota.get('users'))} users in all, the "
+                    f"server allowing {fmt(quota.get('quota_per_minute'))} requests a minute",
+                    "one gateway",
+                    "each front-end on its own",
+                ),
+                (
+                    (
+                        what.replace("_", " "),
+                        fmt(get(quota, "gateway", what)),
+                        fmt(get(quota, "per_frontend", what)),
+                    )
+                    for what in (
+                        "answered",
+                        "busy",
+                        "failed",
+                        "upstream_calls",
+                        "upstream_429s",
+                        "retries",
+                        "seconds",
+                    )
+                ),
+            ),
+        ]
+    fair = r.get("fairness") or {}
+    if fair:
+        lines += [
+            "",
+            *table(
+                (
+                    f"light users' wait while one user floods {fmt(fair.get('flood'))} requests (ms)",
+                    "gateway (turns by user)",
+                    "first in, first out",
+                ),
+                (
+                    (
+                        q,
+                        fmt(get(fair, "gateway", "light_wait", f"{q}_ms")),
+                        fmt(get(fair, "fifo", "light_wait", f"{q}_ms")),
+                    )
+                    for q in ("p50", "p95", "p99")
+                ),
+            ),
+        ]
+    streamed = r.get("stream_overhead") or {}
+    if streamed:
+        lines += [
+            "",
+            *table(
+                ("a streamed reply (ms)", "through the gateway actor", "the SDK in the caller's process"),
+                (
+                    *(
+                        (
+                            f"{q}",
+                            fmt(get(streamed, "gateway", "reply", f"{q}_ms")),
+                            fmt(get(streamed, "sdk_in_process", "reply", f"{q}_ms")),
+                        )
+                        for q in ("p50", "p95", "p99")
+                    ),
+                    (
+                        "actor round trips per reply",
+                        fmt(get(streamed, "gateway", "round_trips_per_reply")),
+                        "-",
+                    ),
+                    ("overhead of the actor, p50", fmt(streamed.get("overhead_p50_ms")), "-"),
+                ),
+            ),
+        ]
+    cost = r.get("workload_cost") or {}
+    per = cost.get("per_1000_messages") or {}
+    if per:
+        lines += [
+            "",
+            *table(
+                (
+                    f"per 1,000 messages of the load test's workload "
+                    f"({fmt(cost.get('messages'))} sent, {cost.get('model')})",
+                    "value",
+                ),
+                ((k.replace("_", " "), fmt(v)) for k, v in per.items()),
+            ),
+        ]
+    return lines
+
+
 RENDERERS: dict[str, Renderer] = {
+    "llm_bench": llm_bench,
     "cache_bench": cache_bench,
     "context_bench": context_bench,
     "ratelimit_bench": ratelimit_bench,
