@@ -285,6 +285,7 @@ class LLMGateway(Service):
         self._find_sink = analytics is None and config.namespace is not None and _in_ray_actor()
         #: events of upstream calls made before the analytics sink was found
         self._unsent: list[AnalyticsEvent] = []
+        self._sink_missing_said = False
         self.events_dropped = 0
         self._quotas: dict[str, ModelQuota] = {}
         self._queue: FairQueue[_Waiter] = FairQueue()
@@ -859,8 +860,14 @@ class LLMGateway(Service):
         try:
             sink = ray.get_actor(ANALYTICS_ACTOR, namespace=self.config.namespace)
         except ValueError:
-            log.warning(
-                "no analytics sink %s yet; %d call events wait for it", ANALYTICS_ACTOR, len(self._unsent)
+            # said once (then at debug level): a gateway with no sink asks on every call
+            level = logging.DEBUG if self._sink_missing_said else logging.WARNING
+            self._sink_missing_said = True
+            log.log(
+                level,
+                "no analytics sink %s yet; %d call events wait for it",
+                ANALYTICS_ACTOR,
+                len(self._unsent),
             )
             return None
         state_dir = Path(self._state_dir or ".raycord")
