@@ -100,10 +100,6 @@ RUNS: tuple[Run, ...] = (
     Run("soak-full", "bench.soak", ("--size", "full"), ("--size", "tiny"), tiny_name="soak-tiny"),
 )
 
-#: per benchmark without a renderer in `bench.tables`, the parts of its result its table
-#: shows (every numeric leaf in them)
-TABLE_KEYS: dict[str, tuple[str, ...]] = {}
-
 
 def run_one(run: Run, tiny: bool, results_dir: Path) -> int:
     """Run one benchmark in its own process and wait for it; its exit status."""
@@ -128,8 +124,9 @@ def _table(name: str, results: dict[str, Any], shown: str) -> list[str]:
         return [line for line in report if line.startswith("|")]
     if name in tables.RENDERERS:
         return tables.RENDERERS[name](results)
-    keys = TABLE_KEYS.get(name, tuple(k for k in results if k not in ("floors", "size")))
-    rows = [(path, value) for key in keys if key in results for path, value in _leaves(results[key], key)]
+    # a benchmark without a renderer: every numeric leaf of its result
+    keys = [k for k in results if k not in ("floors", "size")]
+    rows = [(path, value) for key in keys for path, value in _leaves(results[key], key)]
     return ["| figure | value |", "|---|---|", *(f"| {path} | {tables.fmt(value)} |" for path, value in rows)]
 
 

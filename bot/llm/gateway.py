@@ -90,6 +90,8 @@ LLM_CALL_EVENT = "llm_call"
 ANALYTICS_ACTOR = "analytics-0"
 #: call events kept while the analytics sink cannot be found
 UNSENT_EVENTS = 10_000
+#: seconds between lookups of an analytics sink that was not found
+SINK_LOOKUP_INTERVAL = 1.0
 
 
 def env_proxy(base_url: str | None) -> str | None:
@@ -286,6 +288,8 @@ class LLMGateway(Service):
         #: events of upstream calls made before the analytics sink was found
         self._unsent: list[AnalyticsEvent] = []
         self._sink_missing_said = False
+        #: monotonic time before which a missing sink is not looked up again
+        self._sink_retry_at = 0.0
         self.events_dropped = 0
         self._quotas: dict[str, ModelQuota] = {}
         self._queue: FairQueue[_Waiter] = FairQueue()
@@ -857,10 +861,15 @@ class LLMGateway(Service):
         import ray
 
         assert self.config.namespace is not None
+        now = time.monotonic()
+        if now < self._sink_retry_at:
+            # the lookup blocks the loop on the GCS: not on every call while the sink is missing
+            return None
         try:
             sink = ray.get_actor(ANALYTICS_ACTOR, namespace=self.config.namespace)
         except ValueError:
-            # said once (then at debug level): a gateway with no sink asks on every call
+            self._sink_retry_at = now + SINK_LOOKUP_INTERVAL
+            # said once (then at debug level)
             level = logging.DEBUG if self._sink_missing_said else logging.WARNING
             self._sink_missing_said = True
             log.log(
